@@ -1,0 +1,390 @@
+"""Compile validated resources into an immutable ``Snapshot`` of lookup tables.
+
+A snapshot answers, for one calling workload: which route table serves a host, which
+service and port a destination names, and which endpoints make up a cluster (service +
+port + subset) with which traffic policy. A Mesh replaces its snapshot by a single
+reference swap; a request keeps the snapshot it started with.
+
+Problems that only show across resources (two VirtualServices claiming one host, two
+ServiceEntries declaring one) are found here and reported like validation problems.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Generic, TypeVar
+
+from inmesh.balancing import Balancer, StatsTable, build_balancer
+from inmesh.config.model import (
+    DestinationRule,
+    MeshConfig,
+    Port,
+    Resource,
+    ServiceEntry,
+    TrafficPolicy,
+    VirtualService,
+    WorkloadEntry,
+    WorkloadSpec,
+)
+from inmesh.endpoints import Endpoint, EndpointKey, Locality
+from inmesh.exceptions import ConfigError, Problem
+from inmesh.routing import NoRoute, RouteDestination, RouteTable, compile_route
+
+__all__ = ["Caller", "Cluster", "ClusterKey", "Service", "Snapshot", "compile_snapshot"]
+
+_EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Caller:
+    """The workload a Mesh speaks for: what ``sourceLabels`` and locality LB look at."""
+
+    workload: str | None = None
+    namespace: str = "default"
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY_LABELS)
+    locality: Locality | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterKey:
+    host: str
+    port: int
+    subset: str | None = None
+
+    def __str__(self) -> str:  # Envoy's cluster name
+        return f"outbound|{self.port}|{self.subset or ''}|{self.host}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    """A host of a ServiceEntry with its ports and workloads."""
+
+    host: str
+    entry: ServiceEntry
+    ports: Mapping[int, Port]
+    workloads: tuple[WorkloadSpec, ...]
+
+    def port_for(self, requested: int | None, request_port: int) -> Port | None:
+        """The service port a destination means: its own, else the request's, else the only one."""
+        if requested is not None:
+            return self.ports.get(requested)
+        if request_port in self.ports:
+            return self.ports[request_port]
+        if len(self.ports) == 1:
+            return next(iter(self.ports.values()))
+        return None
+
+
+class Cluster:
+    """Endpoints of one service port (optionally one subset) and the policy that applies.
+
+    The balancer is built on first use: most clusters of a large registry are never
+    called by a given workload, and some balancers (Maglev) are costly to build.
+    """
+
+    __slots__ = ("_balancer", "_caller", "_stats", "endpoints", "key", "policy", "port", "rule")
+
+    def __init__(
+        self,
+        *,
+        key: ClusterKey,
+        port: Port,
+        endpoints: tuple[Endpoint, ...],
+        policy: TrafficPolicy,
+        rule: DestinationRule | None,
+        caller: Caller,
+        stats: StatsTable,
+    ) -> None:
+        self.key = key
+        self.port = port
+        self.endpoints = endpoints
+        self.policy = policy
+        self.rule = rule
+        self._caller = caller
+        self._stats = stats
+        self._balancer: Balancer | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.port.protocol in ("HTTPS", "TLS")
+
+    @property
+    def balancer(self) -> Balancer:
+        balancer = self._balancer
+        if balancer is None:
+            # Two threads may both build it; both results are equivalent, one wins.
+            balancer = self._balancer = build_balancer(
+                self.endpoints,
+                self.policy.load_balancer,
+                stats=self._stats,
+                caller_locality=self._caller.locality,
+                caller_labels=self._caller.labels,
+            )
+        return balancer
+
+
+T = TypeVar("T")
+
+
+class _HostIndex(Generic[T]):
+    """Exact hosts first, then ``*.suffix`` wildcards, the longest suffix winning."""
+
+    __slots__ = ("exact", "wildcards")
+
+    def __init__(self, items: Iterable[tuple[str, T]]) -> None:
+        self.exact: dict[str, T] = {}
+        wildcards: list[tuple[str, T]] = []
+        for host, value in items:
+            if host.startswith("*"):
+                wildcards.append((host[1:], value))  # "*.example.com" -> ".example.com"
+            else:
+                self.exact[host] = value
+        wildcards.sort(key=lambda item: len(item[0]), reverse=True)
+        self.wildcards = tuple(wildcards)
+
+    def get(self, host: str) -> T | None:
+        found = self.exact.get(host)
+        if found is not None or not self.wildcards:
+            return found
+        for suffix, value in self.wildcards:
+            if host.endswith(suffix):
+                return value
+        return None
+
+
+class Snapshot:
+    """One immutable view of the mesh configuration, compiled for one caller."""
+
+    def __init__(
+        self,
+        *,
+        version: int,
+        resources: tuple[Resource, ...],
+        mesh_config: MeshConfig,
+        services: _HostIndex[Service],
+        routes: _HostIndex[RouteTable],
+        rules: _HostIndex[DestinationRule],
+        clusters: dict[tuple[str, int, str | None], Cluster],
+    ) -> None:
+        self.version = version
+        self.resources = resources
+        self.mesh_config = mesh_config
+        self._services = services
+        self._routes = routes
+        self._rules = rules
+        self._clusters = clusters
+        self.endpoint_keys: frozenset[EndpointKey] = frozenset(
+            e.key for c in clusters.values() for e in c.endpoints
+        )
+
+    def service(self, host: str) -> Service | None:
+        return self._services.get(host)
+
+    def route_table(self, host: str) -> RouteTable | None:
+        return self._routes.get(host)
+
+    def rule(self, host: str) -> DestinationRule | None:
+        return self._rules.get(host)
+
+    def knows(self, host: str) -> bool:
+        """Whether the mesh handles this host (a service or a VirtualService names it)."""
+        return self._services.get(host) is not None or self._routes.get(host) is not None
+
+    @property
+    def clusters(self) -> Sequence[Cluster]:
+        return tuple(self._clusters.values())
+
+    def resolve(self, destination: RouteDestination | None, host: str, request_port: int) -> Cluster | NoRoute:
+        """The cluster a destination (or, with none, the requested host itself) names."""
+        if destination is not None:
+            dest = destination.destination
+            host, subset, port_number = dest.host, dest.subset, dest.port
+        else:
+            subset, port_number = None, None
+        service = self._services.get(host)
+        if service is None:
+            return NoRoute(status=503, reason=f"no service {host} in the registry")
+        port = service.port_for(port_number, request_port)
+        if port is None:
+            wanted = port_number if port_number is not None else request_port
+            return NoRoute(status=503, reason=f"service {host} has no port {wanted}")
+        cluster = self._clusters.get((service.host, port.number, subset))
+        if cluster is None:
+            return NoRoute(
+                status=503,
+                reason=f"subset {subset!r} of {host} is not defined by a DestinationRule",
+            )
+        return cluster
+
+
+def _endpoint(spec: WorkloadSpec, port: Port) -> Endpoint:
+    number = spec.ports.get(port.name) or port.target_port or port.number
+    return Endpoint(
+        address=spec.address,
+        port=number,
+        weight=spec.weight,
+        labels=spec.labels,
+        locality=Locality.parse(spec.locality),
+        service_account=spec.service_account,
+    )
+
+
+def _workloads(entry: ServiceEntry, host: str, entries: Sequence[WorkloadEntry]) -> tuple[WorkloadSpec, ...]:
+    if entry.workload_selector is not None:
+        selector = entry.workload_selector
+        return tuple(
+            w.spec
+            for w in entries
+            if w.namespace == entry.namespace
+            and all(w.spec.labels.get(k) == v for k, v in selector.items())
+        )
+    if entry.endpoints:
+        return entry.endpoints
+    if entry.resolution == "DNS" and not host.startswith("*"):
+        return (WorkloadSpec(address=host),)  # DNS with no endpoints: the host itself
+    return ()
+
+
+def _problem(origin_source: str, line: int | None, path: str, message: str) -> Problem:
+    return Problem(source=origin_source, line=line, path=path, message=message)
+
+
+def compile_snapshot(
+    resources: Sequence[Resource],
+    *,
+    caller: Caller,
+    stats: StatsTable,
+    version: int = 1,
+) -> Snapshot:
+    """Build the lookup tables; raise ``ConfigError`` for conflicts between resources."""
+    problems: list[Problem] = []
+    entries: list[ServiceEntry] = []
+    workload_entries: list[WorkloadEntry] = []
+    virtual_services: list[VirtualService] = []
+    rules: list[DestinationRule] = []
+    mesh_configs: list[MeshConfig] = []
+    seen_names: dict[tuple[str, str, str], str] = {}
+    for resource in resources:
+        kind = type(resource).__name__
+        namespace = getattr(resource, "namespace", "")
+        name_key = (kind, namespace, resource.name)
+        where = str(resource.origin)
+        if name_key in seen_names:
+            problems.append(
+                _problem(resource.origin.source, resource.origin.line, "metadata.name",
+                         f"{kind} {namespace}/{resource.name} is also defined at {seen_names[name_key]}")
+            )
+            continue
+        seen_names[name_key] = where
+        match resource:
+            case ServiceEntry():
+                entries.append(resource)
+            case WorkloadEntry():
+                workload_entries.append(resource)
+            case VirtualService():
+                virtual_services.append(resource)
+            case DestinationRule():
+                rules.append(resource)
+            case MeshConfig():
+                mesh_configs.append(resource)
+
+    if len(mesh_configs) > 1:
+        second = mesh_configs[1]
+        problems.append(
+            _problem(second.origin.source, second.origin.line, "kind",
+                     f"only one MeshConfig is allowed; another is at {mesh_configs[0].origin}")
+        )
+    mesh_config = mesh_configs[0] if mesh_configs else MeshConfig()
+
+    def claim(owner_kind: str, items: Iterable[tuple[str, T, Resource, str]]) -> list[tuple[str, T]]:
+        owners: dict[str, Resource] = {}
+        kept: list[tuple[str, T]] = []
+        for host, value, resource, path in items:
+            first = owners.get(host)
+            if first is not None and first is not resource:
+                problems.append(
+                    _problem(resource.origin.source, resource.origin.line, path,
+                             f"host {host!r} is already claimed by {owner_kind} "
+                             f"{first.name} at {first.origin}")
+                )
+                continue
+            if first is None:
+                owners[host] = resource
+                kept.append((host, value))
+        return kept
+
+    service_items: list[tuple[str, Service, Resource, str]] = []
+    for entry in entries:
+        ports = MappingProxyType({p.number: p for p in entry.ports})
+        for i, host in enumerate(entry.hosts):
+            service = Service(host=host, entry=entry, ports=ports,
+                              workloads=_workloads(entry, host, workload_entries))
+            service_items.append((host, service, entry, f"spec.hosts[{i}]"))
+    services = claim("ServiceEntry", service_items)
+
+    route_items: list[tuple[str, RouteTable, Resource, str]] = []
+    for vs in virtual_services:
+        table = RouteTable(
+            name=vs.name,
+            namespace=vs.namespace,
+            origin=str(vs.origin),
+            routes=tuple(compile_route(r, caller.labels) for r in vs.http),
+        )
+        for i, host in enumerate(vs.hosts):
+            route_items.append((host, table, vs, f"spec.hosts[{i}]"))
+    routes = claim("VirtualService", route_items)
+
+    rule_items = [(r.host, r, r, "spec.host") for r in rules]
+    rule_index = _HostIndex(claim("DestinationRule", rule_items))
+
+    if problems:
+        raise ConfigError(problems)
+
+    clusters: dict[tuple[str, int, str | None], Cluster] = {}
+    for host, service in services:
+        rule = rule_index.get(host)
+        base_policy = TrafficPolicy()
+        if rule is not None and rule.traffic_policy is not None:
+            base_policy = rule.traffic_policy
+        by_port: dict[int, list[Endpoint]] = defaultdict(list)
+        for port in service.ports.values():
+            endpoints = tuple(_endpoint(w, port) for w in service.workloads)
+            by_port[port.number] = list(endpoints)
+            clusters[(host, port.number, None)] = Cluster(
+                key=ClusterKey(host, port.number), port=port, endpoints=endpoints,
+                policy=base_policy, rule=rule, caller=caller, stats=stats,
+            )
+            if rule is None:
+                continue
+            for subset in rule.subsets:
+                members = tuple(
+                    e for e in endpoints
+                    if all(e.labels.get(k) == v for k, v in subset.labels.items())
+                )
+                clusters[(host, port.number, subset.name)] = Cluster(
+                    key=ClusterKey(host, port.number, subset.name), port=port,
+                    endpoints=members, policy=base_policy.overridden_by(subset.traffic_policy),
+                    rule=rule, caller=caller, stats=stats,
+                )
+
+    return Snapshot(
+        version=version,
+        resources=tuple(resources),
+        mesh_config=mesh_config,
+        services=_HostIndex(services),
+        routes=_HostIndex(routes),
+        rules=rule_index,
+        clusters=clusters,
+    )
+
+
+def is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True

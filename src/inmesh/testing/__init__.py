@@ -1,0 +1,1 @@
+"""Test helpers that ship with inmesh: real loopback upstreams (and, later, the pytest plugin)."""

@@ -1,0 +1,71 @@
+"""Shared fixtures: real loopback upstreams and meshes built from YAML text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from inmesh import Mesh
+from inmesh.registry import MemoryRegistry
+from inmesh.testing.upstream import Upstream
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Callable[..., list[Upstream]]]:
+    """Start named loopback upstreams; all are stopped when the test ends."""
+    started: list[Upstream] = []
+
+    def start(*names: str) -> list[Upstream]:
+        new = [Upstream(name).start() for name in names]
+        started.extend(new)
+        return new
+
+    yield start
+    for upstream in started:
+        upstream.stop()
+
+
+def service_yaml(
+    host: str,
+    endpoints: list[Upstream],
+    *,
+    port: int = 9080,
+    labels: list[dict[str, str]] | None = None,
+    extra: str = "",
+) -> str:
+    """A ServiceEntry for ``host:port`` whose endpoints are the given upstreams."""
+    lines = [
+        "apiVersion: networking.istio.io/v1",
+        "kind: ServiceEntry",
+        f"metadata: {{name: {host.replace('.', '-')}}}",
+        "spec:",
+        f"  hosts: [{host}]",
+        f"  ports: [{{number: {port}, name: http, protocol: HTTP}}]",
+        "  resolution: STATIC",
+        "  endpoints:",
+    ]
+    for i, upstream in enumerate(endpoints):
+        label = labels[i] if labels else {"name": upstream.name}
+        rendered = ", ".join(f"{k}: {v}" for k, v in label.items())
+        lines.append(
+            f"  - {{address: {upstream.address}, ports: {{http: {upstream.port}}}, "
+            f"labels: {{{rendered}}}{extra}}}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def make_mesh() -> Iterator[Callable[..., Mesh]]:
+    """Build a Mesh over a MemoryRegistry holding the given YAML; closed after the test."""
+    meshes: list[Mesh] = []
+
+    def make(*documents: str, **options: object) -> Mesh:
+        registry = MemoryRegistry({"mesh.yaml": "\n---\n".join(documents)})
+        mesh = Mesh(registry, seed=options.pop("seed", 1234), **options)  # type: ignore[arg-type]
+        meshes.append(mesh)
+        return mesh
+
+    yield make
+    for mesh in meshes:
+        mesh.close()
