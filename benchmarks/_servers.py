@@ -6,16 +6,20 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
-def upstream_processes(*names: str) -> Iterator[list[int]]:
-    """Start one upstream process per name; yield their ports; stop them at exit."""
+def upstream_processes(*names: str, fast: bool = True) -> Iterator[list[int]]:
+    """Start one upstream process per name; yield their ports; stop them at exit.
+
+    ``fast`` uses the minimal responder in ``_fast_upstream.py``; otherwise inmesh's
+    test upstream (a stdlib ThreadingHTTPServer, ~1 ms a request).
+    """
+    here = Path(__file__).parent
+    command = [str(here / "_fast_upstream.py")] if fast else ["-m", "inmesh.testing.upstream"]
     processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "inmesh.testing.upstream", name],
-            stdout=subprocess.PIPE, text=True,
-        )
+        subprocess.Popen([sys.executable, *command, name], stdout=subprocess.PIPE, text=True)
         for name in names
     ]
     try:

@@ -1,8 +1,9 @@
 """The mesh client against the bare httpx client, same upstreams, same run.
 
-    python benchmarks/bench_http.py [--requests 2000] [--rounds 5]
+    python benchmarks/bench_http.py [--requests 500] [--rounds 20] [--slow-upstream]
 
-Two upstream processes on 127.0.0.1. The bare client alternates between their URLs; the
+Two upstream processes on 127.0.0.1 (a minimal keep-alive responder, so the client's own
+work is a visible share of each request; the client is pinned to one core). The bare client alternates between their URLs; the
 mesh client calls the logical host ``reviews:9080`` whose VirtualService matches a header
 and splits 50/50 by weight between two subsets, each with the default LEAST_REQUEST
 balancer. Rounds alternate bare and mesh so drift in the machine hits both alike; the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
@@ -57,54 +59,71 @@ spec:
 """
 
 
-def per_request_sync(client: httpx.Client, urls: list[str], count: int) -> float:
-    start = time.perf_counter()
+Timing = tuple[float, float]  # (wall seconds, client CPU seconds) per request
+
+
+def per_request_sync(client: httpx.Client, urls: list[str], count: int) -> Timing:
+    start, cpu = time.perf_counter(), time.thread_time()
     for i in range(count):
         client.get(urls[i & 1])
-    return (time.perf_counter() - start) / count
+    return (time.perf_counter() - start) / count, (time.thread_time() - cpu) / count
 
 
-async def per_request_async(client: httpx.AsyncClient, urls: list[str], count: int) -> float:
-    start = time.perf_counter()
+async def per_request_async(client: httpx.AsyncClient, urls: list[str], count: int) -> Timing:
+    start, cpu = time.perf_counter(), time.thread_time()
     for i in range(count):
         await client.get(urls[i & 1])
-    return (time.perf_counter() - start) / count
+    return (time.perf_counter() - start) / count, (time.thread_time() - cpu) / count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=500, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--slow-upstream", action="store_true",
+                        help="use the stdlib test upstream (~1 ms a request) instead of the fast one")
     args = parser.parse_args()
-    with upstream_processes("a", "b") as (a, b):
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})  # the client on one core; the upstreams get the other
+    with upstream_processes("a", "b", fast=not args.slow_upstream) as (a, b):
         bare_urls = [f"http://127.0.0.1:{a}/reviews/0", f"http://127.0.0.1:{b}/reviews/0"]
         mesh_urls = ["http://reviews:9080/reviews/0"] * 2
         mesh = Mesh(MemoryRegistry({"bench.yaml": REGISTRY.format(a=a, b=b)}), seed=1)
-        results: dict[str, list[float]] = {k: [] for k in ("sync bare", "sync mesh", "async bare", "async mesh")}
+        results: dict[str, list[Timing]] = {k: [] for k in ("sync bare", "sync mesh", "async bare", "async mesh")}
         with httpx.Client() as bare, mesh.client() as meshed:
             per_request_sync(bare, bare_urls, 200)  # warm up connections and code paths
             per_request_sync(meshed, mesh_urls, 200)
-            for _ in range(args.rounds):
-                results["sync bare"].append(per_request_sync(bare, bare_urls, args.requests))
-                results["sync mesh"].append(per_request_sync(meshed, mesh_urls, args.requests))
+            for r in range(args.rounds):
+                # Alternate which goes first, so neither always runs on a warmer machine.
+                for kind in (("bare", "mesh") if r % 2 == 0 else ("mesh", "bare")):
+                    client, urls = (bare, bare_urls) if kind == "bare" else (meshed, mesh_urls)
+                    results[f"sync {kind}"].append(per_request_sync(client, urls, args.requests))
 
         async def run_async() -> None:
             async with httpx.AsyncClient() as bare_a, mesh.async_client() as meshed_a:
                 await per_request_async(bare_a, bare_urls, 200)
                 await per_request_async(meshed_a, mesh_urls, 200)
-                for _ in range(args.rounds):
-                    results["async bare"].append(await per_request_async(bare_a, bare_urls, args.requests))
-                    results["async mesh"].append(await per_request_async(meshed_a, mesh_urls, args.requests))
+                for r in range(args.rounds):
+                    for kind in (("bare", "mesh") if r % 2 == 0 else ("mesh", "bare")):
+                        client, urls = (bare_a, bare_urls) if kind == "bare" else (meshed_a, mesh_urls)
+                        results[f"async {kind}"].append(await per_request_async(client, urls, args.requests))
 
         asyncio.run(run_async())
         mesh.close()
 
-    print(f"{args.requests} requests x {args.rounds} rounds, median per request")
+    print(f"{args.requests} requests x {args.rounds} rounds, alternating; median per request")
+    print("  (client CPU: this thread's CPU time, insensitive to the upstreams' scheduling)")
     for flavour in ("sync", "async"):
-        bare_t = statistics.median(results[f"{flavour} bare"])
-        mesh_t = statistics.median(results[f"{flavour} mesh"])
-        print(f"  {flavour:5}  bare {bare_t * 1e6:7.1f} µs   mesh {mesh_t * 1e6:7.1f} µs   "
-              f"ratio {mesh_t / bare_t:.3f}x   (+{(mesh_t - bare_t) * 1e6:.1f} µs)")
+        for index, what in ((0, "wall"), (1, "client CPU")):
+            bare_ts = [t[index] for t in results[f"{flavour} bare"]]
+            mesh_ts = [t[index] for t in results[f"{flavour} mesh"]]
+            bare_t, mesh_t = statistics.median(bare_ts), statistics.median(mesh_ts)
+            # The ratio of each round's pair, so slow phases of the machine cancel out.
+            ratios = sorted(m / b for m, b in zip(mesh_ts, bare_ts, strict=True))
+            low, high = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+            print(f"  {flavour:5} {what:10}  bare {bare_t * 1e6:7.1f} µs   mesh {mesh_t * 1e6:7.1f} µs"
+                  f"   ratio {statistics.median(ratios):.3f}x (IQR {low:.3f}-{high:.3f})"
+                  f"   ({(mesh_t - bare_t) * 1e6:+.1f} µs)")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def test_upstream_sees_logical_host_and_caller_keeps_logical_url(
     assert seen.headers["end-user"] == "jason"
     info = response.extensions["inmesh"]
     assert info.cluster == "outbound|9080||reviews"
-    assert info.endpoint == f"127.0.0.1:{up.port}"
+    assert str(info.endpoint) == f"127.0.0.1:{up.port}"
+    assert info.virtual_service is None and info.route is None
 
 
 @pytest.mark.parametrize("mode", MODES)

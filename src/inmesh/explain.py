@@ -100,12 +100,12 @@ def explain(snapshot: Snapshot, request: StaticRequest, *, source: str = "") -> 
     if chosen is not None and chosen.destinations:
         lines.append("destinations:")
         for dest in chosen.destinations:
-            d = dest.destination
+            d = dest.spec.destination
             target = d.host + (f" subset {d.subset}" if d.subset else "") + (
                 f" port {d.port}" if d.port else "")
-            resolved = snapshot.resolve(dest, request.host, request.port)
+            resolved = snapshot.resolve(dest.spec, request.host, request.port)
             state = "" if not hasattr(resolved, "status") else f"  ({resolved.status}: {getattr(resolved, 'reason', '')})"
-            lines.append(f"  {chosen.share(dest):6.1%}  weight {dest.weight:<4} {target}{state}")
+            lines.append(f"  {chosen.share(dest):6.1%}  weight {dest.spec.weight:<4} {target}{state}")
     if decision.path is not None or decision.authority is not None:
         lines.append(f"rewrite: path {decision.path or request.path}, authority {decision.authority or request.authority}")
 

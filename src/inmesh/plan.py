@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 from http.cookies import SimpleCookie
 
 from inmesh.config.model import (
@@ -27,7 +28,7 @@ from inmesh.routing import (
     Redirect,
     RequestView,
     RouteTable,
-    _query_value,
+    query_value,
     redirect_location,
     rewrite_path,
 )
@@ -36,8 +37,7 @@ from inmesh.snapshot import Cluster, Snapshot
 __all__ = ["PASSTHROUGH", "LocalReply", "Passthrough", "Plan", "Upstream", "plan"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LocalReply:
+class LocalReply(NamedTuple):
     """Answered by the mesh itself, without an upstream call."""
 
     status: int
@@ -53,8 +53,9 @@ class Passthrough:
 PASSTHROUGH = Passthrough()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Upstream:
+class Upstream(NamedTuple):
+    """Send to an endpoint of ``cluster`` (a NamedTuple: one is built per request)."""
+
     cluster: Cluster
     table: RouteTable | None
     forward: Forward | None
@@ -77,7 +78,7 @@ def hash_key(policy: ConsistentHash, request: RequestView, source: str) -> bytes
     elif isinstance(key, CookieHashKey):
         value = _cookie(request.header("cookie"), key.name)
     elif isinstance(key, QueryHashKey):
-        value = _query_value(request, key.name)
+        value = query_value(request, key.name)
     else:  # the calling workload: every request of this process hashes alike
         value = source
     return None if value is None else value.encode()
@@ -102,54 +103,34 @@ def plan(snapshot: Snapshot, request: RequestView, rng: random.Random, *, source
     if table is not None:
         decision = table.decide(request, rng)
         if isinstance(decision, NoRoute):
-            return LocalReply(status=decision.status, reason=decision.reason)
+            return LocalReply(decision.status, decision.reason)
         if isinstance(decision, Redirect):
             location = redirect_location(request, decision.redirect)
-            return LocalReply(status=decision.redirect.redirect_code, reason="redirect", location=location)
+            return LocalReply(decision.redirect.redirect_code, "redirect", location)
         forward = decision
     elif snapshot.service(host) is None:
         if snapshot.mesh_config.outbound_traffic_policy is OutboundMode.REGISTRY_ONLY:
             return LocalReply(
-                status=502,
-                reason=f"{host} is not in the mesh registry (outboundTrafficPolicy REGISTRY_ONLY)",
+                502, f"{host} is not in the mesh registry (outboundTrafficPolicy REGISTRY_ONLY)"
             )
         return PASSTHROUGH
 
-    cluster = snapshot.resolve(forward.destination if forward else None, host, request.port)
+    cluster = snapshot.resolve(forward.destination.spec if forward else None, host, request.port)
     if isinstance(cluster, NoRoute):
-        return LocalReply(status=cluster.status, reason=cluster.reason)
+        return LocalReply(cluster.status, cluster.reason)
 
     path = authority = None
     request_ops: tuple[HeaderOperations, ...] = ()
     response_ops: tuple[HeaderOperations, ...] = ()
     if forward is not None:
-        spec = forward.route.spec
-        if spec.rewrite is not None:
-            new_path = rewrite_path(request.path, spec.rewrite, forward.block)
+        rewrite = forward.route.spec.rewrite
+        if rewrite is not None:
+            new_path = rewrite_path(request.path, rewrite, forward.block)
             if new_path != request.path:
                 path = f"{new_path}?{request.query}" if request.query else new_path
-            authority = spec.rewrite.authority
-        ops = []
-        responses = []
-        for headers in (spec.headers, forward.destination.headers):
-            if headers is not None:
-                if headers.request is not None:
-                    ops.append(headers.request)
-                if headers.response is not None:
-                    responses.append(headers.response)
-        request_ops, response_ops = tuple(ops), tuple(responses)
+            authority = rewrite.authority
+        _, request_ops, response_ops = forward.destination
 
-    lb = cluster.policy.load_balancer
-    key = None
-    if lb is not None and lb.consistent_hash is not None:
-        key = hash_key(lb.consistent_hash, request, source)
-    return Upstream(
-        cluster=cluster,
-        table=table,
-        forward=forward,
-        path=path,
-        authority=authority,
-        request_ops=request_ops,
-        response_ops=response_ops,
-        hash_key=key,
-    )
+    hashing = cluster.hash_policy
+    key = None if hashing is None else hash_key(hashing, request, source)
+    return Upstream(cluster, table, forward, path, authority, request_ops, response_ops, key)

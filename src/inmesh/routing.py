@@ -17,13 +17,14 @@ import functools
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import parse_qsl
 
 import re2
 
 from inmesh.config.model import (
     HeaderOperations,
+    Headers,
     HTTPMatch,
     HTTPRedirect,
     HTTPRewrite,
@@ -33,6 +34,7 @@ from inmesh.config.model import (
 )
 
 __all__ = [
+    "CompiledDestination",
     "CompiledMatch",
     "CompiledRoute",
     "Decision",
@@ -44,6 +46,7 @@ __all__ = [
     "compile_regex",
     "apply_header_ops",
     "compile_route",
+    "query_value",
     "redirect_location",
     "rewrite_path",
 ]
@@ -126,7 +129,7 @@ def _header_condition(name: str, match: StringMatch | None, *, invert: bool) -> 
     return present_and_matches
 
 
-def _query_value(request: RequestView, name: str) -> str | None:
+def query_value(request: RequestView, name: str) -> str | None:
     for key, value in parse_qsl(request.query, keep_blank_values=True):
         if key == name:
             return value
@@ -135,11 +138,11 @@ def _query_value(request: RequestView, name: str) -> str | None:
 
 def _query_condition(name: str, match: StringMatch | None) -> Condition:
     if match is None:
-        return lambda r: _query_value(r, name) is not None
+        return lambda r: query_value(r, name) is not None
     test = _string_matcher(match)
 
     def matches(r: RequestView) -> bool:
-        value = _query_value(r, name)
+        value = query_value(r, name)
         return value is not None and test(value)
 
     return matches
@@ -200,11 +203,24 @@ def _compile_match(spec: HTTPMatch, index: int, caller_labels: Mapping[str, str]
     return CompiledMatch(spec=spec, index=index, conditions=tuple(conditions), source_ok=source_ok)
 
 
+class CompiledDestination(NamedTuple):
+    """A weighted destination with the header edits that apply when it is drawn
+    (the route's, then the destination's own), gathered once at compile time."""
+
+    spec: RouteDestination
+    request_ops: tuple[HeaderOperations, ...]
+    response_ops: tuple[HeaderOperations, ...]
+
+    @property
+    def weight(self) -> int:
+        return self.spec.weight
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompiledRoute:
     spec: HTTPRoute
     matches: tuple[CompiledMatch, ...]
-    destinations: tuple[RouteDestination, ...]
+    destinations: tuple[CompiledDestination, ...]
     cumulative: tuple[int, ...]  # running sums of weights, for a bisect pick
     total_weight: int
 
@@ -217,7 +233,7 @@ class CompiledRoute:
                 return block
         return None
 
-    def pick(self, rng: random.Random) -> RouteDestination | None:
+    def pick(self, rng: random.Random) -> CompiledDestination | None:
         """A destination drawn by weight (None if every weight is zero)."""
         if len(self.destinations) == 1:
             return self.destinations[0] if self.total_weight > 0 else None
@@ -226,43 +242,52 @@ class CompiledRoute:
         point = rng.random() * self.total_weight
         return self.destinations[bisect.bisect_right(self.cumulative, point)]
 
-    def share(self, destination: RouteDestination) -> float:
-        return destination.weight / self.total_weight if self.total_weight else 0.0
+    def share(self, destination: CompiledDestination) -> float:
+        return destination.spec.weight / self.total_weight if self.total_weight else 0.0
+
+
+def _ops(*headers: Headers | None) -> tuple[tuple[HeaderOperations, ...], tuple[HeaderOperations, ...]]:
+    request = tuple(h.request for h in headers if h is not None and h.request is not None)
+    response = tuple(h.response for h in headers if h is not None and h.response is not None)
+    return request, response
 
 
 def compile_route(spec: HTTPRoute, caller_labels: Mapping[str, str]) -> CompiledRoute:
     running = 0
     cumulative = []
+    destinations = []
     for destination in spec.route:
         running += destination.weight
         cumulative.append(running)
+        destinations.append(CompiledDestination(destination, *_ops(spec.headers, destination.headers)))
     return CompiledRoute(
         spec=spec,
         matches=tuple(_compile_match(m, i, caller_labels) for i, m in enumerate(spec.match)),
-        destinations=spec.route,
+        destinations=tuple(destinations),
         cumulative=tuple(cumulative),
         total_weight=running,
     )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Forward:
+# Decisions are NamedTuples rather than frozen dataclasses: one is built for every request,
+# and a frozen dataclass pays an object.__setattr__ per field.
+
+
+class Forward(NamedTuple):
     """Send upstream: the route that matched, which block, and the destination drawn."""
 
     route: CompiledRoute
     block: CompiledMatch | None
-    destination: RouteDestination
+    destination: CompiledDestination
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Redirect:
+class Redirect(NamedTuple):
     route: CompiledRoute
     block: CompiledMatch | None
     redirect: HTTPRedirect
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NoRoute:
+class NoRoute(NamedTuple):
     """No rule matched (404), or the matched rule's weights are all zero (503)."""
 
     status: int
@@ -289,12 +314,12 @@ class RouteTable:
             matched = None if block is True else block
             assert not isinstance(matched, bool)
             if route.spec.redirect is not None:
-                return Redirect(route=route, block=matched, redirect=route.spec.redirect)
+                return Redirect(route, matched, route.spec.redirect)
             destination = route.pick(rng)
             if destination is None:
-                return NoRoute(status=503, reason=f"route {route.spec.path} has no weight")
-            return Forward(route=route, block=matched, destination=destination)
-        return NoRoute(status=404, reason=f"no route of VirtualService {self.name} matched")
+                return NoRoute(503, f"route {route.spec.path} has no weight")
+            return Forward(route, matched, destination)
+        return NoRoute(404, f"no route of VirtualService {self.name} matched")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -11,7 +11,6 @@ ServiceEntries declaring one) are found here and reported like validation proble
 
 from __future__ import annotations
 
-import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Generic, TypeVar
 
 from inmesh.balancing import Balancer, StatsTable, build_balancer
 from inmesh.config.model import (
+    ConsistentHash,
     DestinationRule,
     MeshConfig,
     Port,
@@ -86,7 +86,10 @@ class Cluster:
     called by a given workload, and some balancers (Maglev) are costly to build.
     """
 
-    __slots__ = ("_balancer", "_caller", "_stats", "endpoints", "key", "policy", "port", "rule")
+    __slots__ = (
+        "_balancer", "_caller", "_stats", "endpoints", "hash_policy", "key", "name", "policy",
+        "port", "rule",
+    )
 
     def __init__(
         self,
@@ -100,17 +103,16 @@ class Cluster:
         stats: StatsTable,
     ) -> None:
         self.key = key
+        self.name = str(key)
         self.port = port
         self.endpoints = endpoints
         self.policy = policy
+        lb = policy.load_balancer
+        self.hash_policy: ConsistentHash | None = None if lb is None else lb.consistent_hash
         self.rule = rule
         self._caller = caller
         self._stats = stats
         self._balancer: Balancer | None = None
-
-    @property
-    def tls(self) -> bool:
-        return self.port.protocol in ("HTTPS", "TLS")
 
     @property
     def balancer(self) -> Balancer:
@@ -380,11 +382,3 @@ def compile_snapshot(
         rules=rule_index,
         clusters=clusters,
     )
-
-
-def is_ip(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True

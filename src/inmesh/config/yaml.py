@@ -14,7 +14,11 @@ What it adds to, or refuses of, what ``yaml.safe_load_all`` would do:
   dict/list/str/int/float/bool/None; other non-JSON tags (``!!binary``, ``!!set``,
   ``!!python/...``, custom ``!Tags``) are problems;
 - an alias is expanded into a fresh copy (the body is a tree, never a shared or cyclic
-  graph), with a budget so that a "billion laughs" text fails instead of eating memory.
+  graph), with a budget so that a "billion laughs" text fails instead of eating memory;
+- a JSON text (one ``json.loads`` accepts) has JSON's numbers (``1e-05`` is a float, not
+  the string YAML 1.1 makes of it) and its escaped surrogate pairs become characters;
+- after a syntax error, parsing resumes at the next ``---``, so one run reports the
+  problems of every document; absurd nesting is refused before libyaml can crash on it.
 """
 
 from __future__ import annotations
@@ -65,7 +69,11 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]  # a base chosen at impor
         self.merges = False  # whether any '<<' was seen: mappings then take the slow path
 
     def resolve(self, kind: type[Node], value: Any, implicit: Any) -> str:
-        if kind is ScalarNode and implicit[0]:
+        # Only untagged nodes are resolved. With no path resolvers, a collection is a
+        # plain map or seq and a quoted scalar a str, which is what PyYAML would answer.
+        if kind is ScalarNode:
+            if not implicit[0]:
+                return _STR
             tag = self._plain_tags.get(value)
             if tag is None:
                 tag = super().resolve(kind, value, implicit)
@@ -75,8 +83,9 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]  # a base chosen at impor
                     tag = _FLOAT
                 self._plain_tags[value] = tag
             return tag
-        resolved: str = super().resolve(kind, value, implicit)
-        return resolved
+        if kind is MappingNode:
+            return _MAP
+        return _SEQ
 
 
 _TAG: Final = "tag:yaml.org,2002:"
@@ -193,6 +202,12 @@ def documents_from_text(text: str, source: str) -> list[Document]:
 
 
 def _parse(text: str, source: str) -> list[Document]:
+    deep = _too_deep(text)
+    if deep is not None:
+        message = f"brackets nested more than {_MAX_FLOW_DEPTH} deep"
+        raise ConfigError(
+            [Problem(source=source, line=_line_at(text, deep), path="", message=message)]
+        )
     json_numbers = _is_json(text)
     if json_numbers:
         text = _join_surrogates(text)
@@ -233,6 +248,32 @@ def _parse(text: str, source: str) -> list[Document]:
     if problems:
         raise ConfigError(problems)
     return documents
+
+
+# libyaml's composer recurses in C for each level of nesting and overflows the stack (a
+# segmentation fault, no exception) somewhere below 100,000 levels; only brackets can
+# nest that deep in a text of sane size. The builder refuses ~450 levels anyway.
+_MAX_FLOW_DEPTH: Final = 1_000
+_FLOW: Final = re.compile(r"[\[\]{}]")
+
+
+def _too_deep(text: str) -> int | None:
+    """Where brackets first nest deeper than ``_MAX_FLOW_DEPTH``, if they do.
+
+    Brackets inside quoted strings are counted too: a false alarm would need a thousand
+    unclosed brackets in strings.
+    """
+    if text.count("[") + text.count("{") <= _MAX_FLOW_DEPTH:
+        return None
+    depth = 0
+    for match in _FLOW.finditer(text):
+        if match[0] in "[{":
+            depth += 1
+            if depth > _MAX_FLOW_DEPTH:
+                return match.start()
+        elif depth:
+            depth -= 1
+    return None
 
 
 def _is_json(text: str) -> bool:
@@ -495,8 +536,13 @@ def _error_line(error: yaml.YAMLError, text: str, offset: int) -> int | None:
         # UTF-8 bytes), but the offending character itself is unambiguous.
         found = text.find(chr(character))
         if found >= 0:
-            return _LINE_BREAK.subn("", text[:found])[1] + 1
+            return _line_at(text, found)
     return None
+
+
+def _line_at(text: str, position: int) -> int:
+    """The 1-based line, counted as YAML counts lines, of a position in the text."""
+    return len(_LINE_BREAK.findall(text, 0, position)) + 1
 
 
 def _message(error: yaml.YAMLError) -> str:

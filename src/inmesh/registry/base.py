@@ -44,6 +44,14 @@ class Registry(abc.ABC):
         Several listeners may be registered; each is called for each change.
         """
 
+    def unwatch(self, on_change: Callable[[], None]) -> None:  # noqa: B027  # optional: see below
+        """Stop calling ``on_change`` (one registration of it), e.g. when a Mesh closes.
+
+        This default does nothing: a registry that cannot forget a listener keeps calling
+        it, which is harmless to a listener that ignores calls once it is done (as a
+        closed Mesh does). The file and memory registries do forget it.
+        """
+
     @abc.abstractmethod
     def close(self) -> None:
         """Stop watching (and wait for the watcher to end). Closing twice is harmless."""

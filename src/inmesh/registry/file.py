@@ -214,7 +214,7 @@ class FileRegistry(Registry):
             if self._closed:
                 raise RegistryError(f"registry {self.name!r} is closed")
             self._listeners.add(on_change)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._armed.clear()
                 self._start_error = None
                 self._thread = threading.Thread(
@@ -240,7 +240,7 @@ class FileRegistry(Registry):
             raise RegistryError(f"cannot watch registry {self.name!r}: {error}") from error
 
     def unwatch(self, on_change: Callable[[], None]) -> None:
-        """Stop calling ``on_change`` (the watcher keeps running until ``close()``)."""
+        """Stop calling ``on_change`` (the watcher thread runs on until ``close()``)."""
         self._listeners.remove(on_change)
 
     def close(self) -> None:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpcore
 import httpx
@@ -38,14 +37,18 @@ __all__ = ["AsyncMeshTransport", "MeshTransport", "RouteInfo"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RouteInfo:
-    """Where the mesh sent a request: ``response.extensions["inmesh"]``."""
+class RouteInfo(NamedTuple):
+    """Where the mesh sent a request: ``response.extensions["inmesh"]``.
+
+    ``virtual_service`` and ``route`` (the rule's field path, e.g. ``spec.http[1]``) are
+    None when the host has no VirtualService.
+    """
 
     host: str
     cluster: str
-    endpoint: str
-    route: str | None  # "VirtualService reviews spec.http[0]", None without a VirtualService
+    endpoint: Endpoint
+    virtual_service: str | None
+    route: str | None
     snapshot: int
 
 
@@ -167,12 +170,10 @@ class _Exchange:
             content=request.stream,
             extensions=extensions,
         )
-        route = None
-        if upstream.forward is not None and upstream.table is not None:
-            route = f"VirtualService {upstream.table.name} {upstream.forward.route.spec.path}"
+        forward, table = upstream.forward, upstream.table
         self.info = RouteInfo(
-            host=url.host, cluster=str(cluster.key), endpoint=str(endpoint), route=route,
-            snapshot=snapshot.version,
+            url.host, cluster.name, endpoint, table and table.name,
+            forward and forward.route.spec.path, snapshot.version,
         )
 
     def where(self) -> str:
@@ -183,7 +184,7 @@ class _Exchange:
             headers = list(headers)
             for ops in self.plan.response_ops:
                 headers = apply_header_ops(headers, ops)
-        extensions = {**extensions, "inmesh": self.info}
+        extensions["inmesh"] = self.info  # httpcore's dict, made for this response alone
         return httpx.Response(status, headers=headers, stream=stream, extensions=extensions)
 
 
@@ -257,6 +258,7 @@ class _TransportBase:
         self._local_address = local_address
         self._proxy = proxy
         self._rng = random.Random(seed)
+        self._pick = PickContext(rng=self._rng)  # the context of every pick without a hash key
         self._source = mesh.source_id
 
     def _pool_options(self) -> dict[str, Any]:
@@ -290,11 +292,12 @@ class _TransportBase:
         decision = plan(snapshot, _View(request), self._rng, source=self._source)
         if not isinstance(decision, Upstream):
             return snapshot, decision, None
-        endpoint = decision.cluster.balancer.pick(
-            PickContext(rng=self._rng, hash_key=decision.hash_key)
-        )
+        context = self._pick
+        if decision.hash_key is not None:
+            context = PickContext(rng=self._rng, hash_key=decision.hash_key)
+        endpoint = decision.cluster.balancer.pick(context)
         if endpoint is None:
-            reply = LocalReply(status=503, reason=f"no healthy upstream in {decision.cluster.key}")
+            reply = LocalReply(503, f"no healthy upstream in {decision.cluster.name}")
             return snapshot, reply, None
         return snapshot, decision, endpoint
 
