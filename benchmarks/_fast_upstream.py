@@ -7,6 +7,7 @@ The point is to make the upstream cheap, so that what the client adds — the me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 
@@ -32,8 +33,12 @@ class Responder(asyncio.Protocol):
 async def serve(name: str) -> None:
     body = b'{"name": "' + name.encode() + b'"}'
     reply = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-upstream: " + name.encode()
-        + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-upstream: "
+        + name.encode()
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Responder(reply), "127.0.0.1", 0)
@@ -42,7 +47,5 @@ async def serve(name: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(sys.argv[1] if len(sys.argv) > 1 else "fast"))
-    except KeyboardInterrupt:
-        pass

@@ -3,7 +3,8 @@
     python benchmarks/bench_http.py [--requests 500] [--rounds 20] [--slow-upstream]
 
 Two upstream processes on 127.0.0.1 (a minimal keep-alive responder, so the client's own
-work is a visible share of each request; the client is pinned to one core). The bare client alternates between their URLs; the
+work is a visible share of each request; the client is pinned to one core). The bare
+client alternates between their URLs; the
 mesh client calls the logical host ``reviews:9080`` whose VirtualService matches a header
 and splits 50/50 by weight between two subsets, each with the default LEAST_REQUEST
 balancer. Rounds alternate bare and mesh so drift in the machine hits both alike; the
@@ -20,10 +21,9 @@ import time
 
 import httpx
 
+from _servers import upstream_processes
 from inmesh import Mesh
 from inmesh.registry import MemoryRegistry
-
-from _servers import upstream_processes
 
 REGISTRY = """\
 apiVersion: networking.istio.io/v1
@@ -80,8 +80,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=500, help="requests per round")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--slow-upstream", action="store_true",
-                        help="use the stdlib test upstream (~1 ms a request) instead of the fast one")
+    parser.add_argument(
+        "--slow-upstream",
+        action="store_true",
+        help="use the stdlib test upstream (~1 ms a request) instead of the fast one",
+    )
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {0})  # the client on one core; the upstreams get the other
@@ -89,13 +92,15 @@ def main() -> None:
         bare_urls = [f"http://127.0.0.1:{a}/reviews/0", f"http://127.0.0.1:{b}/reviews/0"]
         mesh_urls = ["http://reviews:9080/reviews/0"] * 2
         mesh = Mesh(MemoryRegistry({"bench.yaml": REGISTRY.format(a=a, b=b)}), seed=1)
-        results: dict[str, list[Timing]] = {k: [] for k in ("sync bare", "sync mesh", "async bare", "async mesh")}
+        results: dict[str, list[Timing]] = {
+            k: [] for k in ("sync bare", "sync mesh", "async bare", "async mesh")
+        }
         with httpx.Client() as bare, mesh.client() as meshed:
             per_request_sync(bare, bare_urls, 200)  # warm up connections and code paths
             per_request_sync(meshed, mesh_urls, 200)
             for r in range(args.rounds):
                 # Alternate which goes first, so neither always runs on a warmer machine.
-                for kind in (("bare", "mesh") if r % 2 == 0 else ("mesh", "bare")):
+                for kind in ("bare", "mesh") if r % 2 == 0 else ("mesh", "bare"):
                     client, urls = (bare, bare_urls) if kind == "bare" else (meshed, mesh_urls)
                     results[f"sync {kind}"].append(per_request_sync(client, urls, args.requests))
 
@@ -104,9 +109,13 @@ def main() -> None:
                 await per_request_async(bare_a, bare_urls, 200)
                 await per_request_async(meshed_a, mesh_urls, 200)
                 for r in range(args.rounds):
-                    for kind in (("bare", "mesh") if r % 2 == 0 else ("mesh", "bare")):
-                        client, urls = (bare_a, bare_urls) if kind == "bare" else (meshed_a, mesh_urls)
-                        results[f"async {kind}"].append(await per_request_async(client, urls, args.requests))
+                    for kind in ("bare", "mesh") if r % 2 == 0 else ("mesh", "bare"):
+                        client, urls = (
+                            (bare_a, bare_urls) if kind == "bare" else (meshed_a, mesh_urls)
+                        )
+                        results[f"async {kind}"].append(
+                            await per_request_async(client, urls, args.requests)
+                        )
 
         asyncio.run(run_async())
         mesh.close()
@@ -121,9 +130,12 @@ def main() -> None:
             # The ratio of each round's pair, so slow phases of the machine cancel out.
             ratios = sorted(m / b for m, b in zip(mesh_ts, bare_ts, strict=True))
             low, high = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-            print(f"  {flavour:5} {what:10}  bare {bare_t * 1e6:7.1f} µs   mesh {mesh_t * 1e6:7.1f} µs"
-                  f"   ratio {statistics.median(ratios):.3f}x (IQR {low:.3f}-{high:.3f})"
-                  f"   ({(mesh_t - bare_t) * 1e6:+.1f} µs)")
+            print(
+                f"  {flavour:5} {what:10}  bare {bare_t * 1e6:7.1f} µs"
+                f"   mesh {mesh_t * 1e6:7.1f} µs"
+                f"   ratio {statistics.median(ratios):.3f}x (IQR {low:.3f}-{high:.3f})"
+                f"   ({(mesh_t - bare_t) * 1e6:+.1f} µs)"
+            )
 
 
 if __name__ == "__main__":

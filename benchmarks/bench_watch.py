@@ -130,7 +130,7 @@ def bench_registry(saves: int) -> None:
 
 
 def bench_meshes(saves: int, meshes: int) -> None:
-    from inmesh import Mesh  # noqa: PLC0415  # only this part needs the whole mesh
+    from inmesh import Mesh  # only this part needs the whole mesh
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder, "mesh.d")

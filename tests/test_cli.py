@@ -59,10 +59,13 @@ def test_check_lists_every_problem_with_file_line_and_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every problem is printed as file:line path: message, and the exit code is 1."""
-    broken = GOOD.replace("weight: 25", "weight: -25").replace("name: v2, labels", "name: V_2, labels")
+    broken = GOOD.replace("weight: 25", "weight: -25").replace(
+        "name: v2, labels", "name: V_2, labels"
+    )
     (tmp_path / "reviews.yaml").write_text(broken)
-    (tmp_path / "other.yaml").write_text("apiVersion: networking.istio.io/v1\nkind: Gateway\n"
-                                          "metadata: {name: g}\nspec: {}\n")
+    (tmp_path / "other.yaml").write_text(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n"
+    )
     assert main(["check", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert f"{tmp_path}/reviews.yaml:33 spec.http[1].route[1].weight:" in out
@@ -70,7 +73,9 @@ def test_check_lists_every_problem_with_file_line_and_path(
     assert f"{tmp_path}/other.yaml:2 kind:" in out
 
 
-def test_check_reports_yaml_syntax_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_reports_yaml_syntax_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A YAML syntax error is reported with its file and line."""
     (tmp_path / "bad.yaml").write_text("kind: ServiceEntry\nspec:\n  hosts: [a\n  ports: 1\n")
     assert main(["check", str(tmp_path)]) == 1
@@ -83,8 +88,12 @@ def test_explain_shows_rule_destinations_and_endpoints(
     """explain names the matching rule, why earlier ones failed, shares, cluster and endpoints."""
     path = tmp_path / "reviews.yaml"
     path.write_text(GOOD)
-    assert main(["explain", str(path), "--url", "http://reviews:9080/reviews/0",
-                 "-H", "end-user: mike"]) == 0
+    assert (
+        main(
+            ["explain", str(path), "--url", "http://reviews:9080/reviews/0", "-H", "end-user: mike"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "spec.http[0] 'jason': skipped — match[0] headers.end-user does not match" in out
     assert "spec.http[1]: matches (no match conditions)" in out
@@ -92,17 +101,21 @@ def test_explain_shows_rule_destinations_and_endpoints(
     assert "25.0%  weight 25   reviews subset v2" in out
     assert "LEAST_REQUEST" in out
 
-    assert main(["explain", str(path), "--url", "http://reviews:9080/", "-H", "end-user: jason"]) == 0
+    assert (
+        main(["explain", str(path), "--url", "http://reviews:9080/", "-H", "end-user: jason"]) == 0
+    )
     out = capsys.readouterr().out
     assert "spec.http[0] 'jason': matches (match[0])" in out
     assert "cluster: outbound|9080|v2|reviews" in out
     assert "10.0.0.2:9080" in out and "locality us-west/zone1" in out
 
 
-def test_explain_unknown_host_and_no_route(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_unknown_host_and_no_route(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """explain says when a host passes through and when no rule matches (404)."""
     path = tmp_path / "reviews.yaml"
-    path.write_text(GOOD.split("  - route:\n")[0])
+    path.write_text(GOOD.split("  - route:\n", maxsplit=1)[0])
     assert main(["explain", str(path), "--url", "http://elsewhere/"]) == 0
     assert "passed through" in capsys.readouterr().out
     assert main(["explain", str(path), "--url", "http://reviews:9080/"]) == 0
@@ -113,7 +126,10 @@ def test_console_script_runs_the_demo() -> None:
     """`inmesh demo` starts local services and shows header routing, a split and a live edit."""
     out = subprocess.run(
         [sys.executable, "-m", "inmesh.cli", "demo", "--requests", "50"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     assert "end-user: jason  →  reviews-v2" in out
     assert "reviews-v1:" in out and "reviews-v3:" in out

@@ -26,8 +26,13 @@ spec:
 """
 
 
-def names(mesh: Mesh, mode: str, count: int, headers: dict[str, str] | None = None,
-          url: str = "http://reviews:9080/") -> list[str]:
+def names(
+    mesh: Mesh,
+    mode: str,
+    count: int,
+    headers: dict[str, str] | None = None,
+    url: str = "http://reviews:9080/",
+) -> list[str]:
     """Which upstream answered each of ``count`` sequential requests."""
     if mode == "sync":
         with mesh.client() as client:
@@ -35,8 +40,9 @@ def names(mesh: Mesh, mode: str, count: int, headers: dict[str, str] | None = No
 
     async def run() -> list[str]:
         async with mesh.async_client() as client:
-            return [(await client.get(url, headers=headers)).headers["x-upstream"]
-                    for _ in range(count)]
+            return [
+                (await client.get(url, headers=headers)).headers["x-upstream"] for _ in range(count)
+            ]
 
     return asyncio.run(run())
 
@@ -97,19 +103,32 @@ def test_least_request_avoids_busy_endpoint(
     ("policy", "headers", "url"),
     [
         ("{consistentHash: {httpHeaderName: x-user}}", {"x-user": "{key}"}, "http://reviews:9080/"),
-        ("{consistentHash: {httpCookie: {name: session}}}", {"cookie": "a=b; session={key}"},
-         "http://reviews:9080/"),
+        (
+            "{consistentHash: {httpCookie: {name: session}}}",
+            {"cookie": "a=b; session={key}"},
+            "http://reviews:9080/",
+        ),
         ("{consistentHash: {httpQueryParameterName: user}}", {}, "http://reviews:9080/?user={key}"),
-        ("{consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}",
-         {"x-user": "{key}"}, "http://reviews:9080/"),
-        ("{consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 64}}}",
-         {"x-user": "{key}"}, "http://reviews:9080/"),
+        (
+            "{consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}",
+            {"x-user": "{key}"},
+            "http://reviews:9080/",
+        ),
+        (
+            "{consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 64}}}",
+            {"x-user": "{key}"},
+            "http://reviews:9080/",
+        ),
     ],
 )
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_consistent_hash_sticks_to_one_endpoint(
-    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str,
-    policy: str, headers: dict[str, str], url: str,
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
+    mode: str,
+    policy: str,
+    headers: dict[str, str],
+    url: str,
 ) -> None:
     """The same hash key always reaches the same endpoint; different keys reach several."""
     ups = upstreams("h1", "h2", "h3", "h4")
@@ -128,8 +147,11 @@ def test_use_source_ip_pins_this_workload(
 ) -> None:
     """useSourceIp hashes the calling workload: every request of this process lands together."""
     ups = upstreams("s1", "s2", "s3")
-    mesh = make_mesh(service_yaml("reviews", ups), rule("{consistentHash: {useSourceIp: true}}"),
-                     workload="productpage")
+    mesh = make_mesh(
+        service_yaml("reviews", ups),
+        rule("{consistentHash: {useSourceIp: true}}"),
+        workload="productpage",
+    )
     assert len(set(names(mesh, "sync", 20))) == 1
 
 
@@ -138,9 +160,12 @@ def test_subset_traffic_policy_overrides_the_rule(
 ) -> None:
     """A subset's own loadBalancer wins over the rule's for traffic to that subset."""
     a, b, c = upstreams("a", "b", "c")
-    services = service_yaml("reviews", [a, b, c],
-                            labels=[{"version": "v1"}, {"version": "v1"}, {"version": "v2"}])
-    mesh = make_mesh(services, """
+    services = service_yaml(
+        "reviews", [a, b, c], labels=[{"version": "v1"}, {"version": "v1"}, {"version": "v2"}]
+    )
+    mesh = make_mesh(
+        services,
+        """
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: reviews}
@@ -158,7 +183,8 @@ metadata: {name: reviews}
 spec:
   hosts: [reviews]
   http: [{route: [{destination: {host: reviews, subset: v1}}]}]
-""")
+""",
+    )
     cluster = mesh.snapshot.resolve(None, "reviews", 9080)
     assert "RANDOM" in cluster.balancer.describe()  # type: ignore[union-attr]
     seen = set(names(mesh, "sync", 10, {"x-user": "ann"}))
@@ -173,11 +199,15 @@ def test_locality_distribute_shares(
     services = service_yaml("reviews", [west, east])
     services = services.replace("labels: {name: west}", "labels: {name: west}, locality: us/west")
     services = services.replace("labels: {name: east}", "labels: {name: east}, locality: us/east")
-    mesh = make_mesh(services, rule("""
+    mesh = make_mesh(
+        services,
+        rule("""
       localityLbSetting:
         distribute:
         - from: us/west/*
-          to: {"us/west/*": 80, "us/east/*": 20}"""), locality="us/west/a")
+          to: {"us/west/*": 80, "us/east/*": 20}"""),
+        locality="us/west/a",
+    )
     counts = Counter(names(mesh, "sync", 500))
     assert abs(counts["west"] - 400) <= 40
     assert counts["west"] + counts["east"] == 500

@@ -36,8 +36,9 @@ def send_all(mesh: Mesh, mode: str, specs: list[Spec]) -> list[httpx.Response]:
     return asyncio.run(run())
 
 
-def send(mesh: Mesh, mode: str, url: str, headers: dict[str, str] | None = None,
-         method: str = "GET") -> httpx.Response:
+def send(
+    mesh: Mesh, mode: str, url: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> httpx.Response:
     return send_all(mesh, mode, [(method, url, headers or {})])[0]
 
 
@@ -126,8 +127,14 @@ MATCH_CASES = [
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("match", "path", "headers", "method", "to_v2"), MATCH_CASES)
 def test_match_conditions(
-    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str,
-    match: str, path: str, headers: dict[str, str], method: str, to_v2: bool,
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
+    mode: str,
+    match: str,
+    path: str,
+    headers: dict[str, str],
+    method: str,
+    to_v2: bool,
 ) -> None:
     """Each Istio match condition sends exactly the requests it describes to the matched route."""
     v1, v2 = upstreams("v1", "v2")
@@ -141,7 +148,7 @@ def test_match_conditions(
 def test_upstream_sees_logical_host_and_caller_keeps_logical_url(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
 ) -> None:
-    """The request reaches the endpoint's address with Host reviews:9080; the response URL is logical."""
+    """The endpoint gets the request with Host reviews:9080; the response URL stays logical."""
     (up,) = upstreams("reviews-1")
     mesh = make_mesh(service_yaml("reviews", [up]))
     response = send(mesh, mode, "http://reviews:9080/reviews/0?x=1", {"end-user": "jason"})
@@ -165,8 +172,10 @@ def test_first_matching_rule_wins(
     v1, v2 = upstreams("v1", "v2")
     docs = two_way(v1, v2, "[{uri: {prefix: /}}]")
     docs[2] = docs[2].replace(
-        "  http:\n", "  http:\n  - match: [{uri: {prefix: /first}}]\n"
-        "    route:\n    - destination: {host: reviews, subset: v1}\n")
+        "  http:\n",
+        "  http:\n  - match: [{uri: {prefix: /first}}]\n"
+        "    route:\n    - destination: {host: reviews, subset: v1}\n",
+    )
     mesh = make_mesh(*docs)
     assert send(mesh, mode, "http://reviews:9080/first").headers["x-upstream"] == "v1"
     assert send(mesh, mode, "http://reviews:9080/second").headers["x-upstream"] == "v2"
@@ -282,7 +291,7 @@ spec:
 def test_rewrite_uri_prefix_regex_and_authority(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
 ) -> None:
-    """A prefix rewrite replaces the matched prefix; a regex rewrite substitutes; authority replaces Host."""
+    """Prefix rewrites swap the matched prefix; regex rewrites substitute; authority sets Host."""
     (up,) = upstreams("r")
     mesh = make_mesh(
         service_yaml("reviews", [up]),
@@ -345,8 +354,9 @@ spec:
         response: {add: {x-dest-response: "yes"}}
 """,
     )
-    response = send(mesh, mode, "http://reviews:9080/",
-                    {"x-set": "caller", "x-secret": "s", "x-add": "zero"})
+    response = send(
+        mesh, mode, "http://reviews:9080/", {"x-set": "caller", "x-secret": "s", "x-add": "zero"}
+    )
     seen = up.received[-1].headers
     assert seen["x-set"] == "route"
     assert "x-secret" not in seen
@@ -405,9 +415,10 @@ def test_async_streaming_response(
     mesh = make_mesh(service_yaml("blobs", [up]))
 
     async def run() -> int:
-        async with mesh.async_client() as client, client.stream(
-            "GET", "http://blobs:9080/?bytes=500000"
-        ) as r:
+        async with (
+            mesh.async_client() as client,
+            client.stream("GET", "http://blobs:9080/?bytes=500000") as r,
+        ):
             assert mesh.stats.get((up.address, up.port)).active == 1
             return sum([len(c) async for c in r.aiter_raw()])
 

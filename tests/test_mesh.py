@@ -57,12 +57,26 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 def test_public_names_are_pinned() -> None:
-    """The public API is exactly this list: additions are deliberate, removals need a deprecation."""
-    assert sorted(inmesh.__all__) == sorted([
-        "AsyncMeshTransport", "ConfigError", "FileRegistry", "MemoryRegistry", "Mesh",
-        "MeshError", "MeshStatus", "MeshTransport", "MissingExtraError", "Problem",
-        "Registry", "RegistryError", "RouteInfo", "UpstreamError", "__version__",
-    ])
+    """The public API is exactly this list: additions are deliberate; removals need deprecation."""
+    assert sorted(inmesh.__all__) == sorted(
+        [
+            "AsyncMeshTransport",
+            "ConfigError",
+            "FileRegistry",
+            "MemoryRegistry",
+            "Mesh",
+            "MeshError",
+            "MeshStatus",
+            "MeshTransport",
+            "MissingExtraError",
+            "Problem",
+            "Registry",
+            "RegistryError",
+            "RouteInfo",
+            "UpstreamError",
+            "__version__",
+        ]
+    )
     for name in inmesh.__all__:
         assert getattr(inmesh, name) is not None
     assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, inmesh.MeshError)
@@ -92,8 +106,12 @@ def test_invalid_update_keeps_last_good_and_next_valid_update_applies(
     """A bad update is rejected whole (status says why), the old routes serve, a fix applies."""
     v1, v2 = upstreams("v1", "v2")
     services = service_yaml("reviews", [v1, v2], labels=[{"version": "v1"}, {"version": "v2"}])
-    registry = MemoryRegistry({"a-services.yaml": services + "---\n" + DR,
-                               "b-routes.yaml": VS.format(subset="v1", weight=100)})
+    registry = MemoryRegistry(
+        {
+            "a-services.yaml": services + "---\n" + DR,
+            "b-routes.yaml": VS.format(subset="v1", weight=100),
+        }
+    )
     statuses: list[MeshStatus] = []
     with Mesh(registry) as mesh, mesh.client() as client:
         mesh.on_update(statuses.append)
@@ -103,7 +121,9 @@ def test_invalid_update_keeps_last_good_and_next_valid_update_applies(
         registry.put("b-routes.yaml", VS.format(subset="v2", weight=100) + "    bogus: 1\n")
         assert statuses[-1].ok is False
         assert mesh.status.version == 1
-        assert any("b-routes.yaml:11" in str(p) and "bogus" in str(p) for p in statuses[-1].problems)
+        assert any(
+            "b-routes.yaml:11" in str(p) and "bogus" in str(p) for p in statuses[-1].problems
+        )
         assert client.get("http://reviews:9080/").headers["x-upstream"] == "v1"
 
         registry.put("b-routes.yaml", VS.format(subset="v2", weight=100))
@@ -132,7 +152,8 @@ def test_folder_is_watched_by_every_mesh(
     folder.mkdir()
     (folder / "services.yaml").write_text(
         service_yaml("reviews", [v1, v2], labels=[{"version": "v1"}, {"version": "v2"}])
-        + "---\n" + DR
+        + "---\n"
+        + DR
     )
     routes = folder / "routes.yaml"
     routes.write_text(VS.format(subset="v1", weight=100))
@@ -157,8 +178,9 @@ def test_in_flight_request_finishes_on_its_snapshot(
     """A streamed response that began before an update completes from the endpoint it started on."""
     v1, v2 = upstreams("v1", "v2")
     services = service_yaml("reviews", [v1, v2], labels=[{"version": "v1"}, {"version": "v2"}])
-    registry = MemoryRegistry({"s.yaml": services + "---\n" + DR,
-                               "r.yaml": VS.format(subset="v1", weight=100)})
+    registry = MemoryRegistry(
+        {"s.yaml": services + "---\n" + DR, "r.yaml": VS.format(subset="v1", weight=100)}
+    )
     with Mesh(registry) as mesh, mesh.client() as client:
         with client.stream("GET", "http://reviews:9080/?bytes=200000") as response:
             registry.put("r.yaml", VS.format(subset="v2", weight=100))
@@ -191,7 +213,8 @@ def test_each_endpoint_has_its_own_pool_and_departed_pools_close(
 
 
 def test_one_mesh_shared_by_threads(
-    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh],
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
 ) -> None:
     """Eight threads share one client: every request succeeds and active counts return to zero."""
     ups = upstreams("t1", "t2", "t3")
@@ -207,7 +230,7 @@ def test_one_mesh_shared_by_threads(
                     name = client.get("http://reviews:9080/").headers["x-upstream"]
                     with lock:
                         counts[name] += 1
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=work) for _ in range(8)]
@@ -222,7 +245,8 @@ def test_one_mesh_shared_by_threads(
 
 
 def test_one_mesh_shared_by_tasks(
-    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh],
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
 ) -> None:
     """A hundred concurrent asyncio tasks share one async client."""
     ups = upstreams("a1", "a2")
@@ -240,14 +264,16 @@ def test_one_mesh_shared_by_tasks(
 
 
 def test_client_kwargs_pass_through_to_httpx(
-    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh],
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
 ) -> None:
-    """Client options (headers, base_url, timeout) reach httpx; transport options reach the pools."""
+    """Client options (headers, base_url, timeout) reach httpx; transport options the pools."""
     (up,) = upstreams("kw")
     mesh = make_mesh(service_yaml("reviews", [up]))
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    with mesh.client(base_url="http://reviews:9080", headers={"x-team": "a"}, timeout=3,
-                     limits=limits) as client:
+    with mesh.client(
+        base_url="http://reviews:9080", headers={"x-team": "a"}, timeout=3, limits=limits
+    ) as client:
         response = client.get("/x")
         pool = next(iter(client._transport._pools._pools.values())).pool  # type: ignore[attr-defined]
     assert response.status_code == 200
@@ -256,7 +282,8 @@ def test_client_kwargs_pass_through_to_httpx(
 
 
 def test_mesh_close_stops_watching_and_closes_pools(
-    upstreams: Callable[..., list[Upstream]], tmp_path: Path,
+    upstreams: Callable[..., list[Upstream]],
+    tmp_path: Path,
 ) -> None:
     """close() ends the watcher thread and closes the pools of the mesh's transports."""
     (up,) = upstreams("c")

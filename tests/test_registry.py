@@ -733,10 +733,22 @@ def test_memory_registry_close() -> None:
     assert len(registry.read()) == 2
 
 
-def test_documents_are_values(folder: Path) -> None:
-    """Two reads of the same files give equal documents."""
+def test_unchanged_files_are_not_parsed_again(folder: Path) -> None:
+    """A file whose bytes did not change gives the same documents without a new parse."""
     write(folder / "a.yaml", "kind: A\nspec: {x: [1, 2]}\n")
+    write(folder / "b.yaml", "kind: B\n")
     registry = FileRegistry("mesh.d")
-    first, second = registry.read(), registry.read()
-    assert first == second
-    assert isinstance(first[0], Document)
+    a, _ = registry.read()
+    assert isinstance(a, Document)
+    save_atomically(folder / "a.yaml", "kind: A\nspec: {x: [1, 2]}\n")  # same bytes
+    write(folder / "b.yaml", "kind: B2\n")
+    again_a, new_b = registry.read()
+    assert again_a is a
+    assert new_b.body == {"kind": "B2"}
+    write(folder / "b.yaml", "kind: [\n")
+    with pytest.raises(ConfigError):
+        registry.read()
+    with pytest.raises(ConfigError):  # a cached problem is still a problem
+        registry.read()
+    (folder / "b.yaml").unlink()
+    assert registry.read() == [a]

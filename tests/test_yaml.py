@@ -410,7 +410,7 @@ def test_absurd_nesting_is_refused_without_crashing() -> None:
 
 def test_uses_libyaml_when_available() -> None:
     """The composer is libyaml's when PyYAML has it (about ten times faster)."""
-    from inmesh.config import yaml as module  # noqa: PLC0415
+    from inmesh.config import yaml as module
 
     if getattr(yaml, "__with_libyaml__", False):
         assert issubclass(module._Loader, yaml.CSafeLoader)
@@ -420,7 +420,7 @@ def test_uses_libyaml_when_available() -> None:
 
 def test_large_text_keeps_the_garbage_collector_state() -> None:
     """Parsing a large text pauses the cyclic collector and switches it back on after."""
-    import gc  # noqa: PLC0415
+    import gc
 
     text = "".join(f"- {{name: n{i}, port: {i}}}\n" for i in range(12_000))
     assert gc.isenabled()

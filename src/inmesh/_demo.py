@@ -91,8 +91,10 @@ def run(*, requests: int = 100) -> int:
             registry = Path(folder)
             _write(registry / "reviews.yaml", SERVICES.format(**ports))
             _write(registry / "routes.yaml", ROUTES.format(v1=80, v3=20))
-            print(f"registry: {registry}/ (reviews v1, v2, v3 on 127.0.0.1 ports "
-                  f"{ports['v1']}, {ports['v2']}, {ports['v3']})\n")
+            print(
+                f"registry: {registry}/ (reviews v1, v2, v3 on 127.0.0.1 ports "
+                f"{ports['v1']}, {ports['v2']}, {ports['v3']})\n"
+            )
 
             updates: list[MeshStatus] = []
             updated = threading.Event()
@@ -105,12 +107,16 @@ def run(*, requests: int = 100) -> int:
                 mesh.on_update(listen)
                 reply = http.get("http://reviews:9080/reviews/0", headers={"end-user": "jason"})
                 info = reply.extensions["inmesh"]
-                print(f"GET http://reviews:9080/reviews/0  end-user: jason  →  "
-                      f"{reply.json()['name']}  ({info.cluster} at {info.endpoint}, "
-                      f"Host seen upstream: {reply.json()['headers']['host']})")
+                print(
+                    f"GET http://reviews:9080/reviews/0  end-user: jason  →  "
+                    f"{reply.json()['name']}  ({info.cluster} at {info.endpoint}, "
+                    f"Host seen upstream: {reply.json()['headers']['host']})"
+                )
 
-                counts = Counter(http.get("http://reviews:9080/reviews/0").json()["name"]
-                                 for _ in range(requests))
+                counts = Counter(
+                    http.get("http://reviews:9080/reviews/0").json()["name"]
+                    for _ in range(requests)
+                )
                 print(f"\n{requests} anonymous requests, canary route 80% v1 / 20% v3:")
                 for name in sorted(counts):
                     print(f"  {name}: {counts[name]:4d}  {'#' * (counts[name] * 40 // requests)}")
@@ -121,10 +127,13 @@ def run(*, requests: int = 100) -> int:
                 _write(registry / "routes.yaml", ROUTES.format(v1=0, v3=100))
                 status = _wait_for_update(updates, seen, updated)
                 took = (time.monotonic() - saved) * 1000
-                counts = Counter(http.get("http://reviews:9080/reviews/0").json()["name"]
-                                 for _ in range(20))
-                print(f"  version {status.version} in force {took:.0f} ms after the save; "
-                      f"20 requests → {dict(counts)}")
+                counts = Counter(
+                    http.get("http://reviews:9080/reviews/0").json()["name"] for _ in range(20)
+                )
+                print(
+                    f"  version {status.version} in force {took:.0f} ms after the save; "
+                    f"20 requests → {dict(counts)}"
+                )
 
                 print("\nsaving a broken edit (a negative weight) ...")
                 seen = len(updates)
@@ -137,8 +146,10 @@ def run(*, requests: int = 100) -> int:
                 print(f"  version {mesh.status.version} still serves: a request goes to {name}")
 
                 reply = http.get("http://127.0.0.1:{}/not-in-the-mesh".format(ports["v1"]))
-                print(f"\na host outside the registry passes through: {reply.status_code} "
-                      f"from {reply.json()['name']}")
+                print(
+                    f"\na host outside the registry passes through: {reply.status_code} "
+                    f"from {reply.json()['name']}"
+                )
     finally:
         for upstream in versions:
             upstream.stop()

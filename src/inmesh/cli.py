@@ -13,13 +13,21 @@ import argparse
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from inmesh.exceptions import ConfigError, MeshError
+
+if TYPE_CHECKING:
+    from inmesh.config.model import Resource
+    from inmesh.snapshot import Snapshot
 
 __all__ = ["main"]
 
 
-def _load(path: str, *, workload: str | None, labels: dict[str, str] | None, locality: str | None):  # type: ignore[no-untyped-def]
+def _load(
+    path: str, *, workload: str | None, labels: dict[str, str] | None, locality: str | None
+) -> tuple[list[Resource], Snapshot]:
+    """Read, validate and compile a registry as a Mesh would, for the given caller."""
     from inmesh.balancing import StatsTable
     from inmesh.config.parse import parse_documents
     from inmesh.endpoints import Locality
@@ -30,8 +38,9 @@ def _load(path: str, *, workload: str | None, labels: dict[str, str] | None, loc
         labels = {"app": workload} if workload else {}
     with open_registry(path) as registry:
         resources = parse_documents(registry.read())
-    caller = Caller(workload=workload, labels=labels,
-                    locality=Locality.parse(locality) if locality else None)
+    caller = Caller(
+        workload=workload, labels=labels, locality=Locality.parse(locality) if locality else None
+    )
     return resources, compile_snapshot(resources, caller=caller, stats=StatsTable())
 
 
@@ -72,8 +81,12 @@ def _explain(args: argparse.Namespace) -> int:
             raise SystemExit(f"inmesh explain: -H takes 'name: value', got {header!r}")
         headers[name.strip().lower()] = value.strip()
     try:
-        _, snapshot = _load(args.path, workload=args.workload, labels=_parse_labels(args.labels),
-                            locality=args.locality)
+        _, snapshot = _load(
+            args.path,
+            workload=args.workload,
+            labels=_parse_labels(args.labels),
+            locality=args.locality,
+        )
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         print("\nfix these first: `inmesh check` lists them", file=sys.stderr)

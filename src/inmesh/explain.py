@@ -45,8 +45,13 @@ class StaticRequest:
         port = parts.port or _DEFAULT_PORTS.get(scheme, 80)
         headers.setdefault("host", parts.netloc)
         return cls(
-            method=method.upper(), scheme=scheme, host=host, port=port,
-            path=parts.path or "/", query=parts.query, headers=headers,
+            method=method.upper(),
+            scheme=scheme,
+            host=host,
+            port=port,
+            path=parts.path or "/",
+            query=parts.query,
+            headers=headers,
         )
 
     @property
@@ -57,7 +62,9 @@ class StaticRequest:
         return self.headers.get(name)
 
 
-def _route_lines(table: RouteTable, request: StaticRequest) -> tuple[list[str], CompiledRoute | None]:
+def _route_lines(
+    table: RouteTable, request: StaticRequest
+) -> tuple[list[str], CompiledRoute | None]:
     lines = [f"VirtualService {table.namespace}/{table.name} ({table.origin})"]
     for route in table.routes:
         label = f"  {route.spec.path}" + (f" {route.spec.name!r}" if route.spec.name else "")
@@ -77,8 +84,10 @@ def _route_lines(table: RouteTable, request: StaticRequest) -> tuple[list[str], 
 
 def explain(snapshot: Snapshot, request: StaticRequest, *, source: str = "") -> str:
     """A human-readable account of where ``request`` goes under ``snapshot``."""
-    lines = [f"request: {request.method} {request.scheme}://{request.authority}{request.path}"
-             + (f"?{request.query}" if request.query else "")]
+    lines = [
+        f"request: {request.method} {request.scheme}://{request.authority}{request.path}"
+        + (f"?{request.query}" if request.query else "")
+    ]
     table = snapshot.route_table(request.host)
     chosen: CompiledRoute | None = None
     if table is not None:
@@ -101,19 +110,36 @@ def explain(snapshot: Snapshot, request: StaticRequest, *, source: str = "") -> 
         lines.append("destinations:")
         for dest in chosen.destinations:
             d = dest.spec.destination
-            target = d.host + (f" subset {d.subset}" if d.subset else "") + (
-                f" port {d.port}" if d.port else "")
+            target = (
+                d.host
+                + (f" subset {d.subset}" if d.subset else "")
+                + (f" port {d.port}" if d.port else "")
+            )
             resolved = snapshot.resolve(dest.spec, request.host, request.port)
-            state = "" if not hasattr(resolved, "status") else f"  ({resolved.status}: {getattr(resolved, 'reason', '')})"
-            lines.append(f"  {chosen.share(dest):6.1%}  weight {dest.spec.weight:<4} {target}{state}")
+            state = (
+                ""
+                if not hasattr(resolved, "status")
+                else f"  ({resolved.status}: {getattr(resolved, 'reason', '')})"
+            )
+            lines.append(
+                f"  {chosen.share(dest):6.1%}  weight {dest.spec.weight:<4} {target}{state}"
+            )
     if decision.path is not None or decision.authority is not None:
-        lines.append(f"rewrite: path {decision.path or request.path}, authority {decision.authority or request.authority}")
+        lines.append(
+            f"rewrite: path {decision.path or request.path}, "
+            f"authority {decision.authority or request.authority}"
+        )
 
     cluster = decision.cluster
-    lines.append(f"cluster: {cluster.key} (for this draw)" if chosen and len(chosen.destinations) > 1
-                 else f"cluster: {cluster.key}")
+    lines.append(
+        f"cluster: {cluster.key} (for this draw)"
+        if chosen and len(chosen.destinations) > 1
+        else f"cluster: {cluster.key}"
+    )
     if cluster.rule is not None:
-        lines.append(f"DestinationRule {cluster.rule.namespace}/{cluster.rule.name} ({cluster.rule.origin})")
+        lines.append(
+            f"DestinationRule {cluster.rule.namespace}/{cluster.rule.name} ({cluster.rule.origin})"
+        )
     balancer = cluster.balancer
     lines.append(f"balancer: {balancer.describe()}")
     if decision.hash_key is not None:

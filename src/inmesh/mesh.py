@@ -41,7 +41,9 @@ log = logging.getLogger("inmesh")
 
 # httpx.Client arguments that configure the transport: the mesh's transport takes them
 # (a Client given `transport=` would silently ignore them).
-_TRANSPORT_OPTIONS = frozenset({"verify", "cert", "http1", "http2", "limits", "proxy", "local_address"})
+_TRANSPORT_OPTIONS = frozenset(
+    {"verify", "cert", "http1", "http2", "limits", "proxy", "local_address"}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,16 +169,24 @@ class Mesh:
                 )
                 log.error(
                     "configuration update from %s rejected; version %d stays in force:\n%s",
-                    self._registry.name, current.version, exc,
+                    self._registry.name,
+                    current.version,
+                    exc,
                 )
             else:
                 self._snapshot = snapshot
                 self.stats.retain(snapshot.endpoint_keys)
                 status = MeshStatus(
-                    version=snapshot.version, ok=True, source=self._registry.name,
+                    version=snapshot.version,
+                    ok=True,
+                    source=self._registry.name,
                     updated_at=time.time(),
                 )
-                log.info("configuration version %d from %s in force", snapshot.version, self._registry.name)
+                log.info(
+                    "configuration version %d from %s in force",
+                    snapshot.version,
+                    self._registry.name,
+                )
             self._status = status
         for listener in list(self._listeners):
             try:
@@ -264,7 +274,8 @@ class Mesh:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"<Mesh {self._registry.name} workload={self.workload!r} version={self._snapshot.version}>"
+        version = self._snapshot.version
+        return f"<Mesh {self._registry.name} workload={self.workload!r} version={version}>"
 
 
 def _split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import NamedTuple
 from http.cookies import SimpleCookie
+from typing import NamedTuple
 
 from inmesh.config.model import (
     ConsistentHash,
@@ -90,7 +90,7 @@ def _cookie(header: str | None, name: str) -> str | None:
     jar: SimpleCookie = SimpleCookie()
     try:
         jar.load(header)
-    except Exception:  # noqa: BLE001 - a malformed Cookie header only means "no hash"
+    except Exception:
         return None
     morsel = jar.get(name)
     return None if morsel is None else morsel.value

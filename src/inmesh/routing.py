@@ -43,8 +43,8 @@ __all__ = [
     "Redirect",
     "RequestView",
     "RouteTable",
-    "compile_regex",
     "apply_header_ops",
+    "compile_regex",
     "compile_route",
     "query_value",
     "redirect_location",
@@ -161,7 +161,8 @@ class CompiledMatch:
     def accepts(self, request: RequestView) -> bool:
         if not self.source_ok:
             return False
-        for _, condition in self.conditions:
+        # A plain loop, not all(...): this runs for every request and a generator costs more.
+        for _, condition in self.conditions:  # noqa: SIM110
             if not condition(request):
                 return False
         return True
@@ -224,7 +225,7 @@ class CompiledRoute:
     cumulative: tuple[int, ...]  # running sums of weights, for a bisect pick
     total_weight: int
 
-    def match(self, request: RequestView) -> CompiledMatch | None | bool:
+    def match(self, request: RequestView) -> CompiledMatch | bool | None:
         """The match block that accepts the request, True if the route has none, else None."""
         if not self.matches:
             return True
@@ -246,7 +247,9 @@ class CompiledRoute:
         return destination.spec.weight / self.total_weight if self.total_weight else 0.0
 
 
-def _ops(*headers: Headers | None) -> tuple[tuple[HeaderOperations, ...], tuple[HeaderOperations, ...]]:
+def _ops(
+    *headers: Headers | None,
+) -> tuple[tuple[HeaderOperations, ...], tuple[HeaderOperations, ...]]:
     request = tuple(h.request for h in headers if h is not None and h.request is not None)
     response = tuple(h.response for h in headers if h is not None and h.response is not None)
     return request, response
@@ -259,7 +262,9 @@ def compile_route(spec: HTTPRoute, caller_labels: Mapping[str, str]) -> Compiled
     for destination in spec.route:
         running += destination.weight
         cumulative.append(running)
-        destinations.append(CompiledDestination(destination, *_ops(spec.headers, destination.headers)))
+        destinations.append(
+            CompiledDestination(destination, *_ops(spec.headers, destination.headers))
+        )
     return CompiledRoute(
         spec=spec,
         matches=tuple(_compile_match(m, i, caller_labels) for i, m in enumerate(spec.match)),

@@ -32,7 +32,8 @@ from inmesh.config.model import (
 )
 from inmesh.endpoints import Endpoint, EndpointKey, Locality
 from inmesh.exceptions import ConfigError, Problem
-from inmesh.routing import NoRoute, RouteDestination, RouteTable, compile_route
+from inmesh.config.model import RouteDestination
+from inmesh.routing import NoRoute, RouteTable, compile_route
 
 __all__ = ["Caller", "Cluster", "ClusterKey", "Service", "Snapshot", "compile_snapshot"]
 
@@ -87,8 +88,16 @@ class Cluster:
     """
 
     __slots__ = (
-        "_balancer", "_caller", "_stats", "endpoints", "hash_policy", "key", "name", "policy",
-        "port", "rule",
+        "_balancer",
+        "_caller",
+        "_stats",
+        "endpoints",
+        "hash_policy",
+        "key",
+        "name",
+        "policy",
+        "port",
+        "rule",
     )
 
     def __init__(
@@ -200,7 +209,9 @@ class Snapshot:
     def clusters(self) -> Sequence[Cluster]:
         return tuple(self._clusters.values())
 
-    def resolve(self, destination: RouteDestination | None, host: str, request_port: int) -> Cluster | NoRoute:
+    def resolve(
+        self, destination: RouteDestination | None, host: str, request_port: int
+    ) -> Cluster | NoRoute:
         """The cluster a destination (or, with none, the requested host itself) names."""
         if destination is not None:
             dest = destination.destination
@@ -235,7 +246,9 @@ def _endpoint(spec: WorkloadSpec, port: Port) -> Endpoint:
     )
 
 
-def _workloads(entry: ServiceEntry, host: str, entries: Sequence[WorkloadEntry]) -> tuple[WorkloadSpec, ...]:
+def _workloads(
+    entry: ServiceEntry, host: str, entries: Sequence[WorkloadEntry]
+) -> tuple[WorkloadSpec, ...]:
     if entry.workload_selector is not None:
         selector = entry.workload_selector
         return tuple(
@@ -277,8 +290,12 @@ def compile_snapshot(
         where = str(resource.origin)
         if name_key in seen_names:
             problems.append(
-                _problem(resource.origin.source, resource.origin.line, "metadata.name",
-                         f"{kind} {namespace}/{resource.name} is also defined at {seen_names[name_key]}")
+                _problem(
+                    resource.origin.source,
+                    resource.origin.line,
+                    "metadata.name",
+                    f"{kind} {namespace}/{resource.name} is also defined at {seen_names[name_key]}",
+                )
             )
             continue
         seen_names[name_key] = where
@@ -297,21 +314,31 @@ def compile_snapshot(
     if len(mesh_configs) > 1:
         second = mesh_configs[1]
         problems.append(
-            _problem(second.origin.source, second.origin.line, "kind",
-                     f"only one MeshConfig is allowed; another is at {mesh_configs[0].origin}")
+            _problem(
+                second.origin.source,
+                second.origin.line,
+                "kind",
+                f"only one MeshConfig is allowed; another is at {mesh_configs[0].origin}",
+            )
         )
     mesh_config = mesh_configs[0] if mesh_configs else MeshConfig()
 
-    def claim(owner_kind: str, items: Iterable[tuple[str, T, Resource, str]]) -> list[tuple[str, T]]:
+    def claim(
+        owner_kind: str, items: Iterable[tuple[str, T, Resource, str]]
+    ) -> list[tuple[str, T]]:
         owners: dict[str, Resource] = {}
         kept: list[tuple[str, T]] = []
         for host, value, resource, path in items:
             first = owners.get(host)
             if first is not None and first is not resource:
                 problems.append(
-                    _problem(resource.origin.source, resource.origin.line, path,
-                             f"host {host!r} is already claimed by {owner_kind} "
-                             f"{first.name} at {first.origin}")
+                    _problem(
+                        resource.origin.source,
+                        resource.origin.line,
+                        path,
+                        f"host {host!r} is already claimed by {owner_kind} "
+                        f"{first.name} at {first.origin}",
+                    )
                 )
                 continue
             if first is None:
@@ -323,8 +350,12 @@ def compile_snapshot(
     for entry in entries:
         ports = MappingProxyType({p.number: p for p in entry.ports})
         for i, host in enumerate(entry.hosts):
-            service = Service(host=host, entry=entry, ports=ports,
-                              workloads=_workloads(entry, host, workload_entries))
+            service = Service(
+                host=host,
+                entry=entry,
+                ports=ports,
+                workloads=_workloads(entry, host, workload_entries),
+            )
             service_items.append((host, service, entry, f"spec.hosts[{i}]"))
     services = claim("ServiceEntry", service_items)
 
@@ -357,20 +388,30 @@ def compile_snapshot(
             endpoints = tuple(_endpoint(w, port) for w in service.workloads)
             by_port[port.number] = list(endpoints)
             clusters[(host, port.number, None)] = Cluster(
-                key=ClusterKey(host, port.number), port=port, endpoints=endpoints,
-                policy=base_policy, rule=rule, caller=caller, stats=stats,
+                key=ClusterKey(host, port.number),
+                port=port,
+                endpoints=endpoints,
+                policy=base_policy,
+                rule=rule,
+                caller=caller,
+                stats=stats,
             )
             if rule is None:
                 continue
             for subset in rule.subsets:
                 members = tuple(
-                    e for e in endpoints
+                    e
+                    for e in endpoints
                     if all(e.labels.get(k) == v for k, v in subset.labels.items())
                 )
                 clusters[(host, port.number, subset.name)] = Cluster(
-                    key=ClusterKey(host, port.number, subset.name), port=port,
-                    endpoints=members, policy=base_policy.overridden_by(subset.traffic_policy),
-                    rule=rule, caller=caller, stats=stats,
+                    key=ClusterKey(host, port.number, subset.name),
+                    port=port,
+                    endpoints=members,
+                    policy=base_policy.overridden_by(subset.traffic_policy),
+                    rule=rule,
+                    caller=caller,
+                    stats=stats,
                 )
 
     return Snapshot(

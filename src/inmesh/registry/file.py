@@ -5,6 +5,7 @@ order of their relative paths; hidden files and folders (``.git``, Kubernetes'
 ``..data``) and editors' temporary and backup files (``.#x``, ``x~``, ``x.swp``) are
 skipped. A document's source is the path as given joined with the file's relative path
 (``mesh.d/reviews.yaml``), so problems read ``mesh.d/reviews.yaml:14 spec.http[0]...``.
+Each read re-reads every file but parses only those whose bytes changed.
 
 Theory of operation of the watcher. One daemon thread per registry runs
 ``watchfiles.watch`` over the folder (for a single file: over its parent folder,
@@ -38,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from inmesh.config.document import Document
 from inmesh.config.yaml import documents_from_text
@@ -126,6 +127,7 @@ class FileRegistry(Registry):
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._parsed: dict[str, tuple[bytes, _Parsed]] = {}  # by source: digest, result
 
     # -- reading ------------------------------------------------------------------------
 
@@ -134,8 +136,15 @@ class FileRegistry(Registry):
 
         Raises ``ConfigError`` with the syntax problems of all files together, and
         ``RegistryError`` if the path (or a file or folder in it) cannot be read.
+
+        A file whose bytes are those of the previous read is not parsed again: its
+        documents (values, not to be mutated) are reused, so a save of one file in a
+        large folder costs the parse of that file only.
         """
         files = self._files() if self._folder else [(self.name, self._path)]
+        with self._lock:
+            previous = self._parsed
+        parsed: dict[str, tuple[bytes, _Parsed]] = {}
         documents: list[Document] = []
         problems: list[Problem] = []
         for source, path in files:
@@ -148,18 +157,16 @@ class FileRegistry(Registry):
                 raise RegistryError(f"registry file {self.name!r} does not exist") from None
             except OSError as error:
                 raise RegistryError(f"cannot read registry file {source!r}: {error}") from error
-            try:
-                text = data.decode("utf-8-sig")
-            except UnicodeDecodeError as error:
-                line = data.count(b"\n", 0, error.start) + 1
-                problems.append(
-                    Problem(source=source, line=line, path="", message="the file is not UTF-8 text")
-                )
-                continue
-            try:
-                documents.extend(documents_from_text(text, source))
-            except ConfigError as error:
-                problems.extend(error.problems)
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            known = previous.get(source)
+            result = known[1] if known is not None and known[0] == digest else _parse(data, source)
+            parsed[source] = (digest, result)
+            if isinstance(result, ConfigError):
+                problems.extend(result.problems)
+            else:
+                documents.extend(result)
+        with self._lock:
+            self._parsed = parsed  # also forgets the files that are gone
         if problems:
             raise ConfigError(problems)
         return documents
@@ -329,7 +336,7 @@ class FileRegistry(Registry):
 
     def _follow_notifications(self, probe: _ArmingProbe) -> None:
         """Relay the OS's change notifications until closed or the folder is replaced."""
-        import watchfiles  # noqa: PLC0415  # only a registry that is watched pays for it
+        import watchfiles  # only a registry that is watched pays for it
 
         identity = _identity(self._watched)
         batches = watchfiles.watch(
@@ -452,6 +459,23 @@ class _ArmingProbe:
             self.armed = True
             self._on_armed()
         return self._stop.is_set()
+
+
+_Parsed: TypeAlias = tuple[Document, ...] | ConfigError
+
+
+def _parse(data: bytes, source: str) -> _Parsed:
+    """The documents of one file's bytes, or the error that lists its problems."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        message = "the file is not UTF-8 text"
+        return ConfigError([Problem(source=source, line=line, path="", message=message)])
+    try:
+        return tuple(documents_from_text(text, source))
+    except ConfigError as error:
+        return error
 
 
 def _polling_wanted(force_polling: bool | None) -> bool:

@@ -68,7 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _answer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: object) -> None:  # noqa: ARG002 - stdlib's signature
         return  # quiet: tests and the demo print what they need
 
 
@@ -108,8 +108,10 @@ class Upstream:
 
     def start(self) -> Upstream:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"upstream-{self.name}", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"upstream-{self.name}",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -125,7 +127,9 @@ class Upstream:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()

@@ -74,7 +74,8 @@ class _View:
         return self._request.headers.get("host") or f"{self.host}:{self.port}"
 
     def header(self, name: str) -> str | None:
-        return self._request.headers.get(name)
+        value: str | None = self._request.headers.get(name)
+        return value
 
 
 _EXCEPTIONS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
@@ -96,7 +97,7 @@ _EXCEPTIONS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
 
 
 def _translate(exc: Exception, request: httpx.Request, where: str) -> Exception | None:
-    """httpcore's error as httpx's, with the mesh's reason chained under it (None: not httpcore's)."""
+    """httpcore's error as httpx's with the mesh's reason chained; None if not httpcore's."""
     for source, target in _EXCEPTIONS:
         if isinstance(exc, source):
             reason = UpstreamError(f"{where}: {exc or type(exc).__name__}")
@@ -155,7 +156,7 @@ class _Exchange:
                 headers.insert(0, (b"Host", upstream.authority.encode()))
             for ops in upstream.request_ops:
                 headers = apply_header_ops(headers, ops)
-        extensions: Mapping[str, Any] = request.extensions
+        extensions: dict[str, Any] = request.extensions
         if scheme == "https":
             # Verify the upstream's certificate against the logical host, not the address.
             extensions = {**extensions, "sni_hostname": upstream.authority or url.host}
@@ -163,7 +164,9 @@ class _Exchange:
         self.core_request = httpcore.Request(
             method=request.method,
             url=httpcore.URL(
-                scheme=url.raw_scheme, host=endpoint.address.encode(), port=endpoint.port,
+                scheme=url.raw_scheme,
+                host=endpoint.address.encode(),
+                port=endpoint.port,
                 target=target,
             ),
             headers=headers,
@@ -172,8 +175,12 @@ class _Exchange:
         )
         forward, table = upstream.forward, upstream.table
         self.info = RouteInfo(
-            url.host, cluster.name, endpoint, table and table.name,
-            forward and forward.route.spec.path, snapshot.version,
+            url.host,
+            cluster.name,
+            endpoint,
+            None if table is None else table.name,
+            None if forward is None else forward.route.spec.path,
+            snapshot.version,
         )
 
     def where(self) -> str:
@@ -264,8 +271,10 @@ class _TransportBase:
     def _pool_options(self) -> dict[str, Any]:
         if self._ssl_context is None:
             verify, cert, trust_env = self._tls
-            if isinstance(verify, bool | str) or verify is None:
-                self._ssl_context = httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+            if isinstance(verify, bool | str):
+                self._ssl_context = httpx.create_ssl_context(
+                    verify=verify, cert=cert, trust_env=trust_env
+                )
             else:
                 self._ssl_context = verify
         limits = self._limits
@@ -282,12 +291,19 @@ class _TransportBase:
     def _passthrough_options(self) -> dict[str, Any]:
         verify, cert, trust_env = self._tls
         return {
-            "verify": verify, "cert": cert, "trust_env": trust_env, "http1": self._http[0],
-            "http2": self._http[1], "limits": self._limits, "proxy": self._proxy,
+            "verify": verify,
+            "cert": cert,
+            "trust_env": trust_env,
+            "http1": self._http[0],
+            "http2": self._http[1],
+            "limits": self._limits,
+            "proxy": self._proxy,
             "local_address": self._local_address,
         }
 
-    def _decide(self, request: httpx.Request) -> tuple[Snapshot, Upstream | LocalReply | Passthrough, Endpoint | None]:
+    def _decide(
+        self, request: httpx.Request
+    ) -> tuple[Snapshot, Upstream | LocalReply | Passthrough, Endpoint | None]:
         snapshot = self._mesh.snapshot
         decision = plan(snapshot, _View(request), self._rng, source=self._source)
         if not isinstance(decision, Upstream):
@@ -322,7 +338,9 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
                 self._passthrough = httpx.HTTPTransport(**self._passthrough_options())
             return self._passthrough.handle_request(request)
         assert endpoint is not None
-        exchange = _Exchange(request, decision, endpoint, self._mesh.stats.get(endpoint.key), snapshot)
+        exchange = _Exchange(
+            request, decision, endpoint, self._mesh.stats.get(endpoint.key), snapshot
+        )
         entry = self._pools.acquire(exchange.key)
         exchange.stats.begin()
         try:
@@ -352,7 +370,11 @@ class _Stream(httpx.SyncByteStream):
     __slots__ = ("_closed", "_entry", "_exchange", "_request", "_stream", "_transport")
 
     def __init__(
-        self, stream: Any, transport: MeshTransport, exchange: _Exchange, entry: _Pool,
+        self,
+        stream: Any,
+        transport: MeshTransport,
+        exchange: _Exchange,
+        entry: _Pool,
         request: httpx.Request,
     ) -> None:
         self._stream = stream
@@ -401,7 +423,9 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
                 self._passthrough = httpx.AsyncHTTPTransport(**self._passthrough_options())
             return await self._passthrough.handle_async_request(request)
         assert endpoint is not None
-        exchange = _Exchange(request, decision, endpoint, self._mesh.stats.get(endpoint.key), snapshot)
+        exchange = _Exchange(
+            request, decision, endpoint, self._mesh.stats.get(endpoint.key), snapshot
+        )
         entry = self._pools.acquire(exchange.key)
         exchange.stats.begin()
         try:
@@ -431,7 +455,11 @@ class _AsyncStream(httpx.AsyncByteStream):
     __slots__ = ("_closed", "_entry", "_exchange", "_request", "_stream", "_transport")
 
     def __init__(
-        self, stream: Any, transport: AsyncMeshTransport, exchange: _Exchange, entry: _Pool,
+        self,
+        stream: Any,
+        transport: AsyncMeshTransport,
+        exchange: _Exchange,
+        entry: _Pool,
         request: httpx.Request,
     ) -> None:
         self._stream = stream
