@@ -298,3 +298,19 @@ def test_mesh_close_stops_watching_and_closes_pools(
     assert pool.connections == []
     assert wait_for(lambda: {t.name for t in threading.enumerate()} <= before)
     mesh.close()  # idempotent
+
+
+def test_closing_one_mesh_leaves_a_shared_registry_serving_others(
+    upstreams: Callable[..., list[Upstream]],
+) -> None:
+    """A registry passed in is not closed by Mesh.close(): other Meshes on it keep updating."""
+    v1, v2 = upstreams("v1", "v2")
+    services = service_yaml("reviews", [v1, v2], labels=[{"version": "v1"}, {"version": "v2"}])
+    registry = MemoryRegistry({"s.yaml": services + "---\n" + DR,
+                               "r.yaml": VS.format(subset="v1", weight=100)})
+    first, second = Mesh(registry), Mesh(registry)
+    first.close()
+    registry.put("r.yaml", VS.format(subset="v2", weight=100))
+    assert first.status.version == 1
+    assert second.status.version == 2
+    second.close()

@@ -106,16 +106,25 @@ class Mesh:
         self._transports: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
         self._registry = open_registry(source)
+        # A registry the caller handed us may serve other Meshes: we only stop listening.
+        self._owns_registry = self._registry is not source
+        self._ready = False
+        self._missed = False
         try:
+            if watch:
+                # Watch before the first read, so a save in between is not missed (a change
+                # seen before the first snapshot exists is covered by that read).
+                self._registry.watch(self._on_change)
             self._snapshot: Snapshot = self._load(version=1)
         except BaseException:
-            self._registry.close()
+            self._release_registry()
             raise
         self._status = MeshStatus(
             version=1, ok=True, source=self._registry.name, updated_at=time.time()
         )
-        if watch:
-            self._registry.watch(self._on_change)
+        self._ready = True
+        if self._missed:  # a change landed while the first read was under way
+            self._update()
 
     # ------------------------------------------------------------------ configuration
 
@@ -148,7 +157,9 @@ class Mesh:
         return compile_snapshot(resources, caller=self._caller, stats=self.stats, version=version)
 
     def _on_change(self) -> None:
-        if not self._closed:
+        if not self._ready:
+            self._missed = True
+        elif not self._closed:
             self._update()
 
     def _update(self) -> MeshStatus:
@@ -245,12 +256,18 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
-        self._registry.close()
+        self._release_registry()
         from inmesh.transports.http import MeshTransport
 
         for transport in list(self._transports):
             if isinstance(transport, MeshTransport):
                 transport.close()
+
+    def _release_registry(self) -> None:
+        if self._owns_registry:
+            self._registry.close()
+        else:
+            self._registry.unwatch(self._on_change)
 
     async def aclose(self) -> None:
         """``close()``, and the pools of async transports too."""

@@ -24,6 +24,7 @@ from inmesh.config.model import (
     MeshConfig,
     Port,
     Resource,
+    RouteDestination,
     ServiceEntry,
     TrafficPolicy,
     VirtualService,
@@ -32,7 +33,6 @@ from inmesh.config.model import (
 )
 from inmesh.endpoints import Endpoint, EndpointKey, Locality
 from inmesh.exceptions import ConfigError, Problem
-from inmesh.config.model import RouteDestination
 from inmesh.routing import NoRoute, RouteTable, compile_route
 
 __all__ = ["Caller", "Cluster", "ClusterKey", "Service", "Snapshot", "compile_snapshot"]

@@ -16,16 +16,24 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 __all__ = [
+    "DEFAULT_RETRY",
+    "DEFAULT_RETRY_ON",
+    "ConnectionPoolSettings",
     "ConsistentHash",
     "CookieHashKey",
     "Destination",
     "DestinationRule",
     "Distribute",
     "Failover",
+    "FaultAbort",
+    "FaultDelay",
+    "HTTPFault",
     "HTTPMatch",
     "HTTPRedirect",
+    "HTTPRetry",
     "HTTPRewrite",
     "HTTPRoute",
+    "HTTPSettings",
     "HeaderHashKey",
     "HeaderOperations",
     "Headers",
@@ -35,9 +43,12 @@ __all__ = [
     "MeshConfig",
     "Origin",
     "OutboundMode",
+    "OutlierDetection",
     "Port",
     "QueryHashKey",
+    "RatioRetryBudget",
     "Resource",
+    "RetryBudget",
     "RingHash",
     "RouteDestination",
     "ServiceEntry",
@@ -45,6 +56,7 @@ __all__ = [
     "SourceIpHashKey",
     "StringMatch",
     "Subset",
+    "TCPSettings",
     "TrafficPolicy",
     "VirtualService",
     "WorkloadEntry",
@@ -190,6 +202,51 @@ class HTTPRewrite:
     uri_regex: tuple[str, str] | None = None  # (match, rewrite) of uriRegexRewrite
 
 
+# --------------------------------------------------------------------------- failure management
+
+# Istio's default retry policy since 1.x: 2 retries on these conditions, no status codes
+# (503 was dropped after retries duplicated non-idempotent requests).
+DEFAULT_RETRY_ON = (
+    "connect-failure",
+    "refused-stream",
+    "unavailable",
+    "cancelled",
+    "retriable-status-codes",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HTTPRetry:
+    """VirtualService ``retries``. ``attempts`` counts retries, not tries (Istio's meaning)."""
+
+    attempts: int = 2
+    per_try_timeout: float | None = None
+    retry_on: tuple[str, ...] = DEFAULT_RETRY_ON  # condition names, lower-case, no codes
+    retry_status_codes: tuple[int, ...] = ()  # plain codes written in retryOn ("503,429")
+
+
+DEFAULT_RETRY = HTTPRetry()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultDelay:
+    fixed_delay: float
+    percentage: float | None = None  # 0-100; None: the fault never fires (Istio)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultAbort:
+    http_status: int | None = None
+    grpc_status: str | None = None  # upper-case name, e.g. "UNAVAILABLE"
+    percentage: float | None = None  # 0-100; None: the fault never fires (Istio)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HTTPFault:
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HTTPRoute:
     name: str = ""
@@ -198,6 +255,11 @@ class HTTPRoute:
     redirect: HTTPRedirect | None = None
     rewrite: HTTPRewrite | None = None
     headers: Headers | None = None
+    timeout: float | None = None  # seconds; None: no overall timeout (Istio's default)
+    retries: HTTPRetry | None = None  # None: the mesh default (Istio's: 2 retries, see above)
+    fault: HTTPFault | None = None
+    mirror: Destination | None = None
+    mirror_percentage: float | None = None  # 0-100; None with a mirror: 100
     path: str = ""  # the field path of this route in its resource, for explain and errors
 
 
@@ -288,14 +350,65 @@ class LoadBalancerSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TCPSettings:
+    max_connections: int | None = None  # None: unlimited (Istio: 2^32-1)
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HTTPSettings:
+    http1_max_pending_requests: int | None = None  # None: unlimited
+    http2_max_requests: int | None = None  # max concurrent requests; None: unlimited
+    max_requests_per_connection: int | None = None  # 1: no keep-alive; None: unlimited
+    max_retries: int | None = None  # concurrent retries to the cluster; None: unlimited
+    idle_timeout: float | None = None  # None: the client's keep-alive expiry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionPoolSettings:
+    tcp: TCPSettings = field(default_factory=TCPSettings)
+    http: HTTPSettings = field(default_factory=HTTPSettings)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierDetection:
+    """Envoy's outlier detection as Istio configures it (defaults are Istio's)."""
+
+    consecutive_5xx_errors: int | None = 5  # 0 or None: off
+    consecutive_gateway_errors: int | None = None  # 502/503/504 and connect failures
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0  # Envoy's cap on base × times ejected
+    max_ejection_percent: float = 10.0  # at least one endpoint may be ejected regardless
+    min_health_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryBudget:
+    """DestinationRule ``retryBudget`` (Istio 1.27): Envoy's concurrent-retry budget."""
+
+    percent: float = 20.0  # of active (and pending) requests that may be retries at once
+    min_retry_concurrency: int = 3
+    budget_interval: float | None = None  # None/0: active requests only; else a window
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficPolicy:
     load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    retry_budget: RetryBudget | None = None
 
     def overridden_by(self, other: TrafficPolicy | None) -> TrafficPolicy:
         """Field by field, ``other``'s settings win (a subset's policy over the rule's)."""
         if other is None:
             return self
-        return TrafficPolicy(load_balancer=other.load_balancer or self.load_balancer)
+        return TrafficPolicy(
+            load_balancer=other.load_balancer or self.load_balancer,
+            connection_pool=other.connection_pool or self.connection_pool,
+            outlier_detection=other.outlier_detection or self.outlier_detection,
+            retry_budget=other.retry_budget or self.retry_budget,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -324,12 +437,30 @@ class OutboundMode(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RatioRetryBudget:
+    """The mesh-wide retry budget, in the style of Finagle and Linkerd: retries may add
+    ``retry_ratio`` of the requests seen over ``ttl`` seconds, plus a floor of
+    ``min_retries_per_second``."""
+
+    retry_ratio: float = 0.2
+    min_retries_per_second: float = 10.0
+    ttl: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MeshConfig:
     """What Istio keeps outside the traffic resources. Grows with each capability."""
 
     name: str = "default"
     origin: Origin = field(default_factory=lambda: Origin("<defaults>"))
     outbound_traffic_policy: OutboundMode = OutboundMode.ALLOW_ANY
+    # Istio's meshConfig.defaultHttpRetryPolicy: routes without `retries` use it.
+    default_http_retry_policy: HTTPRetry = DEFAULT_RETRY
+    # None: the mesh-wide ratio budget is off (a DestinationRule retryBudget still applies).
+    retry_budget: RatioRetryBudget | None = field(default_factory=RatioRetryBudget)
+    # x-envoy-fault-* request headers inject faults only when this is on.
+    allow_header_faults: bool = False
+    mirror_max_in_flight: int = 64
 
 
 Resource = ServiceEntry | WorkloadEntry | VirtualService | DestinationRule | MeshConfig

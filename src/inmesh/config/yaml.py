@@ -35,6 +35,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from inmesh.config._reader import render_path
 from inmesh.config.document import Document, FieldPath
 from inmesh.exceptions import ConfigError, Problem
 
@@ -365,7 +366,7 @@ class _Builder:
             Problem(
                 source=self.source,
                 line=node.start_mark.line + self.offset,
-                path=_dotted(path),
+                path=render_path(path),
                 message=message,
             )
         )
@@ -462,7 +463,7 @@ class _Builder:
                     Problem(
                         source=self.source,
                         line=line,
-                        path=_dotted(child),
+                        path=render_path(child),
                         message=f"duplicate key (first at line {lines[child]})",
                     )
                 )
@@ -508,22 +509,6 @@ class _Builder:
 
 def _short(tag: str) -> str:
     return "!!" + tag[len(_TAG) :] if tag.startswith(_TAG) else tag
-
-
-_PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9_\-/]+")
-
-
-def _dotted(path: FieldPath) -> str:
-    """``("spec", "http", 0, "route")`` as ``spec.http[0].route``, the form problems use."""
-    parts: list[str] = []
-    for step in path:
-        if isinstance(step, int):
-            parts.append(f"[{step}]")
-        elif _PLAIN_KEY.fullmatch(step):
-            parts.append(f".{step}" if parts else step)
-        else:
-            parts.append(f"[{step!r}]")
-    return "".join(parts)
 
 
 def _error_line(error: yaml.YAMLError, text: str, offset: int) -> int | None:

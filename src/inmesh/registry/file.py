@@ -444,7 +444,8 @@ class _ArmingProbe:
 
     ``watchfiles.watch`` creates its OS watch, which records events from then on, and
     only then asks ``stop_event.is_set()`` once per step; so the first question means
-    the watch is in force. (watchfiles offers no other signal for it.)
+    the watch is in force. (watchfiles offers no other signal for it.) The poller asks
+    it the same way, once it has taken the state of the files to compare with.
     """
 
     __slots__ = ("_on_armed", "_stop", "armed")
