@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from inmesh.balancing import StatsTable
 from inmesh.config.parse import parse_documents
 from inmesh.config.yaml import documents_from_text
 from inmesh.snapshot import Caller, compile_snapshot
+from inmesh.state import MeshState
 
 
 def registry(services: int, per_service: int) -> str:
@@ -68,7 +68,7 @@ def main() -> None:
     t1 = time.perf_counter()
     resources = parse_documents(docs)
     t2 = time.perf_counter()
-    snapshot = compile_snapshot(resources, caller=Caller(), stats=StatsTable())
+    snapshot = compile_snapshot(resources, caller=Caller(), state=MeshState())
     t3 = time.perf_counter()
     endpoints = sum(len(c.endpoints) for c in snapshot.clusters if c.key.subset is None)
     print(f"{args.services} services, {endpoints} endpoints, {len(resources)} resources")

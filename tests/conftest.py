@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 
 from inmesh import Mesh
@@ -69,3 +71,25 @@ def make_mesh() -> Iterator[Callable[..., Mesh]]:
     yield make
     for mesh in meshes:
         mesh.close()
+
+
+Spec = tuple[str, str, dict[str, str]]  # method, url, headers
+
+
+def send_all(mesh: Mesh, mode: str, specs: list[Spec]) -> list[httpx.Response]:
+    """Send requests through a mesh client of the given flavour; bodies are read."""
+    if mode == "sync":
+        with mesh.client() as client:
+            return [client.request(m, u, headers=h) for m, u, h in specs]
+
+    async def run() -> list[httpx.Response]:
+        async with mesh.async_client() as client:
+            return [await client.request(m, u, headers=h) for m, u, h in specs]
+
+    return asyncio.run(run())
+
+
+def send(
+    mesh: Mesh, mode: str, url: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> httpx.Response:
+    return send_all(mesh, mode, [(method, url, headers or {})])[0]

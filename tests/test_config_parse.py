@@ -51,6 +51,20 @@ from inmesh.config import (
     parse_documents,
     parse_duration,
 )
+from inmesh.config.model import (
+    DEFAULT_RETRY,
+    DEFAULT_RETRY_ON,
+    ConnectionPoolSettings,
+    FaultAbort,
+    FaultDelay,
+    HTTPFault,
+    HTTPRetry,
+    HTTPSettings,
+    OutlierDetection,
+    RatioRetryBudget,
+    RetryBudget,
+    TCPSettings,
+)
 from inmesh.config.yaml import documents_from_text
 from inmesh.exceptions import ConfigError, Problem
 
@@ -369,13 +383,7 @@ CASES: list[Case] = [
         at="spec.http[0]",
     ),
     rule("vs", "spec.http[0].route", [], "needs at least one destination"),
-    rule("vs", "spec.http[0].timeout", "10s", YET),
-    rule("vs", "spec.http[0].retries", {"attempts": 3}, YET),
-    rule("vs", "spec.http[0].fault", {"abort": {"httpStatus": 503}}, YET),
-    rule("vs", "spec.http[0].mirror", {"host": "shadow"}, YET),
-    rule("vs", "spec.http[0].mirrors", [{"destination": {"host": "shadow"}}], YET),
-    rule("vs", "spec.http[0].mirrorPercentage", {"value": 50.0}, YET),
-    rule("vs", "spec.http[0].mirror_percent", 50, YET),
+    rule("vs", "spec.http[0].mirrors", [{"destination": {"host": "shadow"}}], f"{YET} (a single"),
     rule("vs", "spec.http[0].corsPolicy", {"allowOrigins": [{"exact": "https://a"}]}, YET),
     rule("vs", "spec.http[0]", {"delegate": {"name": "v2"}}, YET, at="spec.http[0].delegate"),
     rule(
@@ -652,14 +660,7 @@ CASES: list[Case] = [
     ),
     *(
         rule("dr", "spec.trafficPolicy", {field: {}}, YET, at=f"spec.trafficPolicy.{field}")
-        for field in (
-            "connectionPool",
-            "outlierDetection",
-            "tls",
-            "portLevelSettings",
-            "tunnel",
-            "proxyProtocol",
-        )
+        for field in ("tls", "portLevelSettings", "tunnel", "proxyProtocol")
     ),
     # ---- load balancer
     rule("dr", f"{LB}.simple", "PASSTHROUGH", "PASSTHROUGH: not supported by inmesh"),
@@ -801,6 +802,442 @@ CASES += [
     rule("mc", "spec.outboundTrafficPolicies", {}, "did you mean 'outboundTrafficPolicy'?"),
 ]
 
+# --------------------------------------------------------------------------- failure management
+# VirtualService timeout, retries, fault and mirror; DestinationRule connectionPool,
+# outlierDetection and retryBudget; the MeshConfig's mesh-wide settings.
+
+HTTP0 = "spec.http[0]"
+RT = f"{HTTP0}.retries"
+F = f"{HTTP0}.fault"
+ROUTE0: dict[str, Any] = BASES["vs"]["spec"]["http"][0]
+SHADOW = {"host": "shadow"}
+CP = "spec.trafficPolicy.connectionPool"
+OD = "spec.trafficPolicy.outlierDetection"
+RB = "spec.trafficPolicy.retryBudget"
+LATER_RETRY_ON = (
+    "envoy-ratelimited",
+    "retriable-headers",
+    "reset-before-request",
+    "http3-post-connect-failure",
+)
+
+
+def route_with(**fields: object) -> dict[str, Any]:
+    """The base VirtualService's first route with ``fields`` added (camelCase as written)."""
+    return {**ROUTE0, **fields}
+
+
+CASES += [
+    # ---- timeout
+    rule("vs", f"{HTTP0}.timeout", "0s", "at least 1ms"),
+    rule("vs", f"{HTTP0}.timeout", "10", "not a duration"),
+    rule("vs", f"{HTTP0}.timeout", 10, "must be a duration string"),
+    rule("vs", f"{HTTP0}.timeout", "1.0005s", "whole milliseconds"),
+    # ---- retries
+    rule("vs", RT, "3", "must be a mapping"),
+    rule("vs", RT, {"attempts": -1}, "must be ≥ 0", at=f"{RT}.attempts"),
+    rule("vs", RT, {"attempts": "3"}, "must be an integer", at=f"{RT}.attempts"),
+    rule("vs", RT, {"attempts": 2**31}, "must be ≤ 2147483647", at=f"{RT}.attempts"),
+    rule(
+        "vs",
+        RT,
+        {"attempts": 3, "perTryTimeout": "500us"},
+        "at least 1ms",
+        at=f"{RT}.perTryTimeout",
+    ),
+    rule("vs", RT, {"attempts": 3, "retryOn": 503}, "must be a string", at=f"{RT}.retryOn"),
+    rule(
+        "vs",
+        RT,
+        {"attempts": 3, "retryOn": "5xx,bogus"},
+        "'bogus' is not a retry condition nor an HTTP status code",
+        at=f"{RT}.retryOn",
+    ),
+    rule(
+        "vs",
+        RT,
+        {"attempts": 3, "retryOn": "5XX"},
+        "(did you mean '5xx'?)",
+        at=f"{RT}.retryOn",
+    ),
+    rule(
+        "vs",
+        RT,
+        {"attempts": 3, "retryOn": "5xx, reset"},
+        "' reset': write the conditions without spaces",
+        at=f"{RT}.retryOn",
+    ),
+    rule(
+        "vs",
+        RT,
+        {"attempts": 3, "retryOn": "5xx,"},
+        "has an empty condition: remove the stray comma",
+        at=f"{RT}.retryOn",
+    ),
+    rule(
+        "vs",
+        RT,
+        {"attempts": 3, "retryOn": "600"},
+        "600: a status code is between 100 and 599",
+        at=f"{RT}.retryOn",
+    ),
+    rule(
+        "vs",
+        RT,
+        {"attempts": 3, "retryOn": "99"},
+        "between 100 and 599",
+        at=f"{RT}.retryOn",
+    ),
+    *(
+        rule(
+            "vs",
+            RT,
+            {"attempts": 3, "retryOn": f"5xx,{name}"},
+            f"{name}: {YET}",
+            at=f"{RT}.retryOn",
+        )
+        for name in LATER_RETRY_ON
+    ),
+    *(
+        rule("vs", RT, {"attempts": 3, field: value}, YET, at=f"{RT}.{field}")
+        for field, value in (
+            ("retryRemoteLocalities", True),
+            ("retryIgnorePreviousHosts", False),
+            ("backoff", "25ms"),
+        )
+    ),
+    rule(
+        "vs",
+        RT,
+        {"attempts": 0, "retryOn": "5xx"},
+        "0 turns retries off, which leaves retryOn nothing to do",
+        at=f"{RT}.attempts",
+    ),
+    rule(
+        "vs",
+        RT,
+        {"retryOn": "5xx", "perTryTimeout": "1s"},
+        "perTryTimeout and retryOn set without attempts, which Istio reads as 0",
+    ),
+    rule("vs", RT, {"perTryTimeout": "1s"}, "perTryTimeout set without attempts"),
+    rule(
+        "vs",
+        RT,
+        {"atempts": 3},
+        "unknown field 'atempts' (did you mean 'attempts'?)",
+        at=f"{RT}.atempts",
+    ),
+    # ---- fault
+    rule("vs", F, {}, "a fault needs a delay, an abort or both"),
+    rule("vs", F, "abort", "must be a mapping"),
+    rule("vs", F, {"delay": {}}, "required", at=f"{F}.delay.fixedDelay"),
+    rule("vs", F, {"delay": {"fixedDelay": "0s"}}, "at least 1ms", at=f"{F}.delay.fixedDelay"),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percentage": {"value": 100.5}}},
+        "must be ≤ 100",
+        at=f"{F}.delay.percentage.value",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percentage": {"value": -1}}},
+        "must be ≥ 0",
+        at=f"{F}.delay.percentage.value",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percentage": {"value": 0.00001}}},
+        "is too small: 0 or at least 0.0001",
+        at=f"{F}.delay.percentage.value",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percentage": {}}},
+        "required",
+        at=f"{F}.delay.percentage.value",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percentage": {"value": "50"}}},
+        "must be a number",
+        at=f"{F}.delay.percentage.value",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percentage": {"value": True}}},
+        "must be a number",
+        at=f"{F}.delay.percentage.value",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percentage": {"value": float("nan")}}},
+        "must be a finite number",
+        at=f"{F}.delay.percentage.value",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percentage": 50}},
+        "must be a mapping",
+        at=f"{F}.delay.percentage",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percent": 101}},
+        "must be ≤ 100",
+        at=f"{F}.delay.percent",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"fixedDelay": "1s", "percent": 10, "percentage": {"value": 10}}},
+        "percent is the deprecated form of percentage: set only percentage",
+        at=f"{F}.delay.percent",
+    ),
+    rule(
+        "vs",
+        F,
+        {"delay": {"exponentialDelay": "1s"}},
+        YET,
+        at=f"{F}.delay.exponentialDelay",
+    ),
+    rule("vs", F, {"abort": {}}, "set one of httpStatus, grpcStatus", at=f"{F}.abort"),
+    rule(
+        "vs",
+        F,
+        {"abort": {"percentage": {"value": 10}}},
+        "set one of httpStatus, grpcStatus",
+        at=f"{F}.abort",
+    ),
+    rule("vs", F, {"abort": {"httpStatus": 600}}, "must be ≤ 599", at=f"{F}.abort.httpStatus"),
+    rule("vs", F, {"abort": {"httpStatus": 199}}, "must be ≥ 200", at=f"{F}.abort.httpStatus"),
+    rule(
+        "vs",
+        F,
+        {"abort": {"httpStatus": 503, "grpcStatus": "UNAVAILABLE"}},
+        "set only one of httpStatus, grpcStatus (found httpStatus, grpcStatus)",
+        at=f"{F}.abort",
+    ),
+    rule(
+        "vs",
+        F,
+        {"abort": {"grpcStatus": "UNAVALABLE"}},
+        "'UNAVALABLE' is not a gRPC status name (e.g. UNAVAILABLE) (did you mean 'UNAVAILABLE'?)",
+        at=f"{F}.abort.grpcStatus",
+    ),
+    rule("vs", F, {"abort": {"grpcStatus": ""}}, "must not be empty", at=f"{F}.abort.grpcStatus"),
+    rule(
+        "vs",
+        F,
+        {"abort": {"grpcStatus": 14}},
+        "must be a string",
+        at=f"{F}.abort.grpcStatus",
+    ),
+    rule("vs", F, {"abort": {"http2Error": "CANCEL"}}, YET, at=f"{F}.abort.http2Error"),
+    rule(
+        "vs",
+        F,
+        {"abort": {"httpStatus": 503, "percentage": {"value": 200}}},
+        "must be ≤ 100",
+        at=f"{F}.abort.percentage.value",
+    ),
+    rule(
+        "vs",
+        F,
+        {"abort": {"httpStatus": 503, "percent": 50}},
+        "unknown field 'percent' (did you mean 'percentage'?)",
+        at=f"{F}.abort.percent",
+    ),
+    rule(
+        "vs",
+        HTTP0,
+        {"redirect": {"uri": "/x"}, "fault": {"abort": {"httpStatus": 503}}},
+        "fault cannot be used with redirect",
+        at=F,
+    ),
+    # ---- mirror
+    rule("vs", f"{HTTP0}.mirror", {}, "required", at=f"{HTTP0}.mirror.host"),
+    rule("vs", f"{HTTP0}.mirror", "shadow", "must be a mapping"),
+    rule("vs", f"{HTTP0}.mirror", {"host": "*"}, "'*' (every host)", at=f"{HTTP0}.mirror.host"),
+    rule(
+        "vs",
+        f"{HTTP0}.mirror",
+        {"host": "shadow", "subset": "V2"},
+        "not a valid subset name",
+        at=f"{HTTP0}.mirror.subset",
+    ),
+    rule(
+        "vs",
+        f"{HTTP0}.mirror",
+        {"host": "shadow", "port": {"number": 0}},
+        "must be ≥ 1",
+        at=f"{HTTP0}.mirror.port.number",
+    ),
+    rule(
+        "vs",
+        f"{HTTP0}.mirrorPercentage",
+        {"value": 50},
+        "mirrorPercentage without a mirror: set mirror too",
+    ),
+    rule("vs", f"{HTTP0}.mirror_percent", 50, "mirror_percent without a mirror"),
+    rule("vs", f"{HTTP0}.mirrorPercent", 50, "mirrorPercent without a mirror"),
+    rule(
+        "vs",
+        HTTP0,
+        route_with(mirror=SHADOW, mirrorPercentage={"value": 100.1}),
+        "must be ≤ 100",
+        at=f"{HTTP0}.mirrorPercentage.value",
+    ),
+    rule(
+        "vs",
+        HTTP0,
+        route_with(mirror=SHADOW, mirrorPercent=150),
+        "must be ≤ 100",
+        at=f"{HTTP0}.mirrorPercent",
+    ),
+    rule(
+        "vs",
+        HTTP0,
+        route_with(mirror=SHADOW, mirrorPercentage={"value": 5}, mirror_percent=5),
+        "mirror_percent is the deprecated form of mirrorPercentage: set only mirrorPercentage",
+        at=f"{HTTP0}.mirror_percent",
+    ),
+    # ---- DestinationRule connectionPool
+    rule("dr", CP, {}, "a connection pool needs tcp, http or both"),
+    rule("dr", CP, {"tcp": {"maxConnections": -1}}, "must be ≥ 0", at=f"{CP}.tcp.maxConnections"),
+    rule(
+        "dr",
+        CP,
+        {"tcp": {"maxConnections": 2**31}},
+        "must be ≤ 2147483647",
+        at=f"{CP}.tcp.maxConnections",
+    ),
+    rule(
+        "dr",
+        CP,
+        {"tcp": {"connectTimeout": "10"}},
+        "not a duration",
+        at=f"{CP}.tcp.connectTimeout",
+    ),
+    *(
+        rule("dr", CP, {"tcp": {field: value}}, YET, at=f"{CP}.tcp.{field}")
+        for field, value in (
+            ("tcpKeepalive", {"time": "7200s"}),
+            ("maxConnectionDuration", "1h"),
+            ("idleTimeout", "1h"),
+        )
+    ),
+    *(
+        rule("dr", CP, {"http": {field: value}}, message, at=f"{CP}.http.{field}")
+        for field, value, message in (
+            ("http1MaxPendingRequests", -1, "must be ≥ 0"),
+            ("http2MaxRequests", "100", "must be an integer"),
+            ("maxRequestsPerConnection", -1, "must be ≥ 0"),
+            ("maxRetries", 2**31, "must be ≤ 2147483647"),
+            ("idleTimeout", "0s", "at least 1ms"),
+            ("h2UpgradePolicy", "UPGRADE", YET),
+            ("useClientProtocol", True, YET),
+            ("maxConcurrentStreams", 100, YET),
+            ("maxRequestsPerConection", 1, "did you mean 'maxRequestsPerConnection'?"),
+        )
+    ),
+    rule("dr", CP, {"tcp": {}, "udp": {}}, "unknown field 'udp'", at=f"{CP}.udp"),
+    # ---- DestinationRule outlierDetection
+    rule("dr", OD, [], "must be a mapping"),
+    *(
+        rule("dr", OD, {field: value}, message, at=f"{OD}.{field}")
+        for field, value, message in (
+            ("consecutive5xxErrors", -1, "must be ≥ 0"),
+            ("consecutive5xxErrors", 2**32, "must be ≤ 4294967295"),
+            ("consecutiveGatewayErrors", "5", "must be an integer"),
+            ("interval", "0s", "at least 1ms"),
+            ("baseEjectionTime", "1.5ms", "whole milliseconds"),
+            ("maxEjectionPercent", 101, "must be ≤ 100"),
+            ("minHealthPercent", -1, "must be ≥ 0"),
+            ("minHealthPercent", 50.5, "must be an integer"),
+            ("consecutiveErrors", 5, "use consecutive5xxErrors (any 5xx) or consecutiveGateway"),
+            ("splitExternalLocalOriginErrors", True, YET),
+            ("consecutiveLocalOriginFailures", 5, YET),
+            ("consecutive5xxError", 5, "did you mean 'consecutive5xxErrors'?"),
+        )
+    ),
+    rule(
+        "dr",
+        "spec.subsets[0].trafficPolicy",
+        {"outlierDetection": {"interval": "-1s"}},
+        "negative",
+        at="spec.subsets[0].trafficPolicy.outlierDetection.interval",
+    ),
+    # ---- DestinationRule retryBudget
+    *(
+        rule("dr", RB, {field: value}, message, at=f"{RB}.{field}")
+        for field, value, message in (
+            ("percent", 100.5, "must be ≤ 100"),
+            ("percent", -1, "must be ≥ 0"),
+            ("percent", "20", "must be a number"),
+            ("percent", float("inf"), "must be a finite number"),
+            ("minRetryConcurrency", -1, "must be ≥ 0"),
+            ("minRetryConcurrency", 1.5, "must be an integer"),
+            ("budgetInterval", "-1s", "negative"),
+            ("budgetInterval", "10", "not a duration"),
+            ("budgetPercent", 20, "unknown field 'budgetPercent'"),
+        )
+    ),
+    # ---- MeshConfig
+    rule(
+        "mc",
+        "spec.defaultHttpRetryPolicy",
+        {"attempts": -1},
+        "must be ≥ 0",
+        at="spec.defaultHttpRetryPolicy.attempts",
+    ),
+    rule(
+        "mc",
+        "spec.defaultHttpRetryPolicy",
+        {"attempts": 2, "retryOn": "5xx,gateway_error"},
+        "(did you mean 'gateway-error'?)",
+        at="spec.defaultHttpRetryPolicy.retryOn",
+    ),
+    rule(
+        "mc",
+        "spec.defaultHttpRetryPolicy",
+        {"retryOn": "5xx"},
+        "retryOn set without attempts",
+    ),
+    *(
+        rule("mc", "spec.retryBudget", {field: value}, message, at=f"spec.retryBudget.{field}")
+        for field, value, message in (
+            ("retryRatio", 1.5, "must be ≤ 1"),
+            ("retryRatio", -0.1, "must be ≥ 0"),
+            ("minRetriesPerSecond", -1, "must be ≥ 0"),
+            ("minRetriesPerSecond", "10", "must be a number"),
+            ("ttl", "0s", "at least 1ms"),
+            ("enabled", "no", "must be a boolean"),
+            ("retry_ratio", 0.2, "did you mean 'retryRatio'?"),
+        )
+    ),
+    rule("mc", "spec.retryBudget", 0.2, "must be a mapping"),
+    rule("mc", "spec.allowHeaderFaults", "true", "must be a boolean"),
+    rule(
+        "mc", "spec.mirroring", {"maxInFlight": 0}, "must be ≥ 1", at="spec.mirroring.maxInFlight"
+    ),
+    rule(
+        "mc",
+        "spec.mirroring",
+        {"maxInflight": 8},
+        "did you mean 'maxInFlight'?",
+        at="spec.mirroring.maxInflight",
+    ),
+]
+
 ALLOWED: list[tuple[str, str, object]] = [
     ("se", "spec.hosts", ["a.example.com", "b.example.com"]),  # HTTP ports tell them apart
     ("vs", "spec.gateways", ["mesh"]),
@@ -816,6 +1253,24 @@ ALLOWED: list[tuple[str, str, object]] = [
     ("se", "spec.endpoints[0].weight", 0),
     ("mc", "spec", DELETE),
     ("mc", "metadata", DELETE),
+    # Istio accepts timeout, retries and mirror beside a redirect (only fault is refused).
+    ("vs", HTTP0, {"redirect": {"uri": "/x"}, "timeout": "1s", "retries": {"attempts": 1}}),
+    ("vs", HTTP0, {"redirect": {"uri": "/x"}, "mirror": SHADOW}),
+    ("vs", RT, {}),  # attempts absent: 0, no retries
+    ("vs", RT, {"attempts": 0}),
+    ("vs", RT, {"attempts": 0, "retryOn": ""}),  # "" is protobuf's unset
+    ("vs", RT, {"attempts": 1, "retryOn": "100,599"}),
+    ("vs", F, {"delay": {"fixedDelay": "1s", "percentage": {"value": 0}}}),
+    ("vs", F, {"delay": {"fixedDelay": "1s", "percentage": {"value": 0.0001}}}),
+    ("vs", F, {"abort": {"grpcStatus": "ok"}}),
+    ("vs", HTTP0, route_with(mirror=SHADOW, mirrorPercentage={"value": 0})),
+    ("dr", CP, {"tcp": {}}),
+    ("dr", OD, {}),
+    ("dr", RB, {}),
+    ("dr", RB, {"budgetInterval": "0s"}),  # 0: active requests only, Istio's default
+    ("dr", "spec.trafficPolicy", {"retryBudget": {"percent": 0}}),
+    ("mc", "spec.retryBudget", {"enabled": False, "retryRatio": 0.5}),
+    ("mc", "spec.defaultHttpRetryPolicy", {"attempts": 0}),
 ]
 
 
@@ -913,7 +1368,7 @@ def test_problems_of_one_document_read_top_to_bottom() -> None:
         spec:
           hots: [reviews]
           http:
-          - timeout: 5s
+          - corsPolicy: {}
             route:
             - destination: {host: reviews}
               fooBar: 1
@@ -921,7 +1376,7 @@ def test_problems_of_one_document_read_top_to_bottom() -> None:
     assert [f"{p.line} {p.path}: {p.message}" for p in problems_of(text)] == [
         "5 spec.hosts: required",
         "6 spec.hots: unknown field 'hots' (did you mean 'hosts'?)",
-        "8 spec.http[0].timeout: not supported by inmesh yet",
+        "8 spec.http[0].corsPolicy: not supported by inmesh yet",
         "11 spec.http[0].route[0].fooBar: unknown field 'fooBar'",
     ]
 
@@ -1310,6 +1765,548 @@ def test_mesh_config() -> None:
     assert bare == MeshConfig(name="default", origin=Origin(SOURCE, 1))
     assert strict == MeshConfig(
         name="strict", origin=Origin(SOURCE, 4), outbound_traffic_policy=OutboundMode.REGISTRY_ONLY
+    )
+
+
+# --------------------------------------------------------------------------- failure values
+
+
+def route_of(route: dict[str, Any]) -> HTTPRoute:
+    """The one route of the base VirtualService with its first route replaced."""
+    body = copy.deepcopy(BASES["vs"])
+    body["spec"]["http"][0] = route
+    service = one(yaml.safe_dump(body, sort_keys=False))
+    assert isinstance(service, VirtualService)
+    return service.http[0]
+
+
+def policy_of(policy: dict[str, Any]) -> TrafficPolicy | None:
+    """The base DestinationRule's traffic policy, replaced by ``policy``."""
+    body = copy.deepcopy(BASES["dr"])
+    body["spec"]["trafficPolicy"] = policy
+    rule = one(yaml.safe_dump(body, sort_keys=False))
+    assert isinstance(rule, DestinationRule)
+    return rule.traffic_policy
+
+
+def test_failure_management_is_absent_by_default() -> None:
+    """A route without timeout, retries, fault or mirror leaves them all unset (None)."""
+    route = route_of(ROUTE0)
+    assert (route.timeout, route.retries, route.fault) == (None, None, None)
+    assert (route.mirror, route.mirror_percentage) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("10s", 10.0), ("1.5s", 1.5), ("250ms", 0.25), ("1m30s", 90.0)]
+)
+def test_timeout(text: str, seconds: float) -> None:
+    """``timeout`` is a duration, in seconds."""
+    assert route_of(route_with(timeout=text)).timeout == seconds
+
+
+@pytest.mark.parametrize(
+    ("retries", "expected"),
+    [
+        # Istio's attempts is a plain int32: absent is 0, which turns retries off.
+        ({}, HTTPRetry(attempts=0)),
+        ({"attempts": 0}, HTTPRetry(attempts=0)),
+        ({"attempts": 3}, HTTPRetry(attempts=3, retry_on=DEFAULT_RETRY_ON)),
+        ({"attempts": 3, "retryOn": ""}, HTTPRetry(attempts=3, retry_on=DEFAULT_RETRY_ON)),
+        (
+            {
+                "attempts": 3,
+                "perTryTimeout": "2s",
+                "retryOn": "gateway-error,connect-failure,refused-stream",
+            },
+            HTTPRetry(
+                attempts=3,
+                per_try_timeout=2.0,
+                retry_on=("gateway-error", "connect-failure", "refused-stream"),
+            ),
+        ),
+        (  # codes in order, each once; the condition that reads them is added, as Istio does
+            {"attempts": 1, "retryOn": "503,5xx,429,503,5xx"},
+            HTTPRetry(
+                attempts=1,
+                retry_on=("5xx", "retriable-status-codes"),
+                retry_status_codes=(503, 429),
+            ),
+        ),
+        (
+            {"attempts": 1, "retryOn": "retriable-status-codes,409"},
+            HTTPRetry(attempts=1, retry_on=("retriable-status-codes",), retry_status_codes=(409,)),
+        ),
+        (
+            {"attempts": 2, "retryOn": "5xx,gateway-error,reset,retriable-4xx"},
+            HTTPRetry(attempts=2, retry_on=("5xx", "gateway-error", "reset", "retriable-4xx")),
+        ),
+        (
+            {
+                "attempts": 4,
+                "retryOn": "cancelled,deadline-exceeded,internal,resource-exhausted,unavailable",
+            },
+            HTTPRetry(
+                attempts=4,
+                retry_on=(
+                    "cancelled",
+                    "deadline-exceeded",
+                    "internal",
+                    "resource-exhausted",
+                    "unavailable",
+                ),
+            ),
+        ),
+    ],
+    ids=repr,
+)
+def test_retries(retries: dict[str, Any], expected: HTTPRetry) -> None:
+    """``retries`` maps onto HTTPRetry; without retryOn, Istio's default conditions apply."""
+    assert route_of(route_with(retries=retries)).retries == expected
+
+
+RETRY_CONDITIONS = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
+RETRY_TOKENS = st.sampled_from(RETRY_CONDITIONS) | st.integers(100, 599).map(str)
+
+
+@given(st.lists(RETRY_TOKENS, min_size=1, max_size=12))
+def test_retry_on_keeps_order_and_drops_duplicates(tokens: list[str]) -> None:
+    """Any comma-joined mix of conditions and status codes reads back in the order written,
+    each once, with retriable-status-codes added when codes are given."""
+    retries = route_of(route_with(retries={"attempts": 1, "retryOn": ",".join(tokens)})).retries
+    conditions = list(dict.fromkeys(token for token in tokens if not token.isdigit()))
+    codes = tuple(dict.fromkeys(int(token) for token in tokens if token.isdigit()))
+    if codes and "retriable-status-codes" not in conditions:
+        conditions.append("retriable-status-codes")
+    assert retries == HTTPRetry(attempts=1, retry_on=tuple(conditions), retry_status_codes=codes)
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ({"delay": {"fixedDelay": "5s"}}, HTTPFault(delay=FaultDelay(fixed_delay=5.0))),
+        (
+            {"delay": {"fixedDelay": "7s", "percentage": {"value": 0.1}}},
+            HTTPFault(delay=FaultDelay(fixed_delay=7.0, percentage=0.1)),
+        ),
+        (  # the deprecated integer form
+            {"delay": {"fixedDelay": "100ms", "percent": 10}},
+            HTTPFault(delay=FaultDelay(fixed_delay=0.1, percentage=10.0)),
+        ),
+        ({"abort": {"httpStatus": 503}}, HTTPFault(abort=FaultAbort(http_status=503))),
+        (
+            {"abort": {"grpcStatus": "unavailable", "percentage": {"value": 50}}},
+            HTTPFault(abort=FaultAbort(grpc_status="UNAVAILABLE", percentage=50.0)),
+        ),
+        (
+            {
+                "delay": {"fixedDelay": "1s", "percentage": {"value": 100}},
+                "abort": {"httpStatus": 400, "percentage": {"value": 0.0001}},
+            },
+            HTTPFault(
+                delay=FaultDelay(fixed_delay=1.0, percentage=100.0),
+                abort=FaultAbort(http_status=400, percentage=0.0001),
+            ),
+        ),
+    ],
+    ids=repr,
+)
+def test_fault(fault: dict[str, Any], expected: HTTPFault) -> None:
+    """``fault`` maps onto HTTPFault; an unset percentage stays None (Istio: never fires)."""
+    assert route_of(route_with(fault=fault)).fault == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "mirror", "percentage"),
+    [
+        ({"mirror": SHADOW}, Destination(host="shadow"), None),
+        (
+            {"mirror": {"host": "Shadow.Example.com", "subset": "v2", "port": {"number": 8080}}},
+            Destination(host="shadow.example.com", subset="v2", port=8080),
+            None,
+        ),
+        ({"mirror": SHADOW, "mirrorPercentage": {"value": 12.5}}, Destination(host="shadow"), 12.5),
+        ({"mirror": SHADOW, "mirrorPercentage": {"value": 0}}, Destination(host="shadow"), 0.0),
+        ({"mirror": SHADOW, "mirrorPercent": 30}, Destination(host="shadow"), 30.0),
+        ({"mirror": SHADOW, "mirror_percent": 100}, Destination(host="shadow"), 100.0),
+    ],
+    ids=repr,
+)
+def test_mirror(fields: dict[str, Any], mirror: Destination, percentage: float | None) -> None:
+    """``mirror`` is a Destination; its percentage (or a deprecated integer form) a float."""
+    route = route_of(route_with(**fields))
+    assert (route.mirror, route.mirror_percentage) == (mirror, percentage)
+
+
+@pytest.mark.parametrize(
+    ("pool", "expected"),
+    [
+        ({"tcp": {}}, ConnectionPoolSettings()),
+        (
+            {"tcp": {"maxConnections": 100, "connectTimeout": "30ms"}},
+            ConnectionPoolSettings(tcp=TCPSettings(max_connections=100, connect_timeout=0.03)),
+        ),
+        (  # 0 is protobuf's unset: no limit
+            {
+                "tcp": {"maxConnections": 0},
+                "http": {
+                    "http1MaxPendingRequests": 0,
+                    "http2MaxRequests": 0,
+                    "maxRequestsPerConnection": 0,
+                    "maxRetries": 0,
+                },
+            },
+            ConnectionPoolSettings(),
+        ),
+        (
+            {
+                "http": {
+                    "http1MaxPendingRequests": 10,
+                    "http2MaxRequests": 1000,
+                    "maxRequestsPerConnection": 1,
+                    "maxRetries": 3,
+                    "idleTimeout": "90s",
+                }
+            },
+            ConnectionPoolSettings(
+                http=HTTPSettings(
+                    http1_max_pending_requests=10,
+                    http2_max_requests=1000,
+                    max_requests_per_connection=1,
+                    max_retries=3,
+                    idle_timeout=90.0,
+                )
+            ),
+        ),
+    ],
+    ids=repr,
+)
+def test_connection_pool(pool: dict[str, Any], expected: ConnectionPoolSettings) -> None:
+    """``connectionPool`` limits: 0 or absent is unlimited (None); connectTimeout is 10s."""
+    assert policy_of({"connectionPool": pool}) == TrafficPolicy(connection_pool=expected)
+
+
+@pytest.mark.parametrize(
+    ("outlier", "expected"),
+    [
+        ({}, OutlierDetection()),
+        (
+            {},
+            OutlierDetection(
+                consecutive_5xx_errors=5,
+                consecutive_gateway_errors=None,
+                interval=10.0,
+                base_ejection_time=30.0,
+                max_ejection_percent=10.0,
+                min_health_percent=0.0,
+            ),
+        ),
+        (  # 0 turns a check off; maxEjectionPercent 0 is unset in Istio, so Envoy's 10
+            {"consecutive5xxErrors": 0, "consecutiveGatewayErrors": 0, "maxEjectionPercent": 0},
+            OutlierDetection(consecutive_5xx_errors=None, consecutive_gateway_errors=None),
+        ),
+        (
+            {
+                "consecutive5xxErrors": 7,
+                "consecutiveGatewayErrors": 3,
+                "interval": "1s",
+                "baseEjectionTime": "3m",
+                "maxEjectionPercent": 100,
+                "minHealthPercent": 50,
+            },
+            OutlierDetection(
+                consecutive_5xx_errors=7,
+                consecutive_gateway_errors=3,
+                interval=1.0,
+                base_ejection_time=180.0,
+                max_ejection_percent=100.0,
+                min_health_percent=50.0,
+            ),
+        ),
+    ],
+    ids=["empty", "empty-spelled-out", "zeros", "everything"],
+)
+def test_outlier_detection(outlier: dict[str, Any], expected: OutlierDetection) -> None:
+    """``outlierDetection`` takes Istio's (Envoy's) defaults for what it leaves out."""
+    assert policy_of({"outlierDetection": outlier}) == TrafficPolicy(outlier_detection=expected)
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        ({}, RetryBudget(percent=20.0, min_retry_concurrency=3, budget_interval=None)),
+        (
+            {"percent": 0, "minRetryConcurrency": 0},
+            RetryBudget(percent=0.0, min_retry_concurrency=0),
+        ),
+        (
+            {"percent": 12.5, "budgetInterval": "10s"},
+            RetryBudget(percent=12.5, budget_interval=10.0),
+        ),
+        ({"budgetInterval": "0s"}, RetryBudget(budget_interval=None)),
+        ({"budgetInterval": "0ms"}, RetryBudget(budget_interval=None)),
+    ],
+    ids=repr,
+)
+def test_destination_retry_budget(budget: dict[str, Any], expected: RetryBudget) -> None:
+    """``retryBudget``: 20% and 3 by default; a zero (or no) budgetInterval is None."""
+    assert policy_of({"retryBudget": budget}) == TrafficPolicy(retry_budget=expected)
+
+
+def test_subset_policy_overrides_field_by_field() -> None:
+    """A subset's own failure settings win over the rule's, the rest are inherited."""
+    rule = one("""\
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews}
+        spec:
+          host: reviews
+          trafficPolicy:
+            connectionPool: {tcp: {maxConnections: 100}}
+            outlierDetection: {consecutive5xxErrors: 3}
+          subsets:
+          - name: v2
+            labels: {version: v2}
+            trafficPolicy:
+              outlierDetection: {consecutiveGatewayErrors: 2, consecutive5xxErrors: 0}
+              retryBudget: {percent: 5}
+        """)
+    assert isinstance(rule, DestinationRule)
+    assert rule.traffic_policy is not None
+    (subset,) = rule.subsets
+    effective = rule.traffic_policy.overridden_by(subset.traffic_policy)
+    assert effective == TrafficPolicy(
+        connection_pool=ConnectionPoolSettings(tcp=TCPSettings(max_connections=100)),
+        outlier_detection=OutlierDetection(
+            consecutive_5xx_errors=None, consecutive_gateway_errors=2
+        ),
+        retry_budget=RetryBudget(percent=5.0),
+    )
+
+
+def test_mesh_config_failure_defaults() -> None:
+    """Without settings, the mesh retries as Istio does, with a ratio budget, no header faults."""
+    config = one("apiVersion: inmesh.io/v1\nkind: MeshConfig\n")
+    assert isinstance(config, MeshConfig)
+    assert config.default_http_retry_policy == DEFAULT_RETRY
+    assert config.default_http_retry_policy == HTTPRetry(attempts=2, retry_on=DEFAULT_RETRY_ON)
+    assert config.retry_budget == RatioRetryBudget(
+        retry_ratio=0.2, min_retries_per_second=10.0, ttl=10.0
+    )
+    assert config.allow_header_faults is False
+    assert config.mirror_max_in_flight == 64
+
+
+def test_mesh_config_failure_settings() -> None:
+    """Each mesh-wide failure setting is read; ``enabled: false`` turns the budget off."""
+    tuned, quiet = parse("""\
+        apiVersion: inmesh.io/v1
+        kind: MeshConfig
+        metadata: {name: tuned}
+        spec:
+          defaultHttpRetryPolicy:
+            attempts: 1
+            perTryTimeout: 500ms
+            retryOn: connect-failure,503
+          retryBudget: {retryRatio: 0.1, minRetriesPerSecond: 2.5, ttl: 30s}
+          allowHeaderFaults: true
+          mirroring: {maxInFlight: 8}
+        ---
+        apiVersion: inmesh.io/v1
+        kind: MeshConfig
+        metadata: {name: quiet}
+        spec:
+          defaultHttpRetryPolicy: {attempts: 0}
+          retryBudget: {enabled: false}
+        """)
+    assert tuned == MeshConfig(
+        name="tuned",
+        origin=Origin(SOURCE, 1),
+        default_http_retry_policy=HTTPRetry(
+            attempts=1,
+            per_try_timeout=0.5,
+            retry_on=("connect-failure", "retriable-status-codes"),
+            retry_status_codes=(503,),
+        ),
+        retry_budget=RatioRetryBudget(retry_ratio=0.1, min_retries_per_second=2.5, ttl=30.0),
+        allow_header_faults=True,
+        mirror_max_in_flight=8,
+    )
+    assert isinstance(quiet, MeshConfig)
+    assert quiet.default_http_retry_policy == HTTPRetry(attempts=0)
+    assert quiet.retry_budget is None
+
+
+def test_failure_problem_names_file_line_and_nested_path() -> None:
+    """A problem deep in a retry policy keeps the ``file:line path: message`` form."""
+    text = """\
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: ratings}
+        spec:
+          hosts: [ratings]
+          http:
+          - route:
+            - destination: {host: ratings}
+            retries:
+              attempts: 3
+              perTryTimeout: 0.5ms
+              retryOn: 5xx,sometimes
+            fault:
+              abort: {httpStatus: 503, grpcStatus: UNAVAILABLE}
+        """
+    assert [str(p) for p in problems_of(text)] == [
+        "mesh.d/test.yaml:11 spec.http[0].retries.perTryTimeout: '0.5ms' is too short: "
+        "a duration must be at least 1ms",
+        "mesh.d/test.yaml:12 spec.http[0].retries.retryOn: 'sometimes' is not a retry "
+        "condition nor an HTTP status code",
+        "mesh.d/test.yaml:14 spec.http[0].fault.abort: set only one of httpStatus, grpcStatus "
+        "(found httpStatus, grpcStatus)",
+    ]
+
+
+RESILIENT = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+  namespace: shop
+spec:
+  hosts: [ratings.shop.svc.cluster.local]
+  http:
+  - name: canary-faults
+    match:
+    - headers:
+        x-chaos: {exact: "on"}
+    fault:
+      delay:
+        fixedDelay: 2s
+        percentage: {value: 10}
+      abort:
+        httpStatus: 503
+        percentage: {value: 5}
+    route:
+    - destination: {host: ratings.shop.svc.cluster.local, subset: v2}
+  - name: default
+    timeout: 3s
+    retries:
+      attempts: 3
+      perTryTimeout: 1s
+      retryOn: gateway-error,connect-failure,refused-stream,503
+    mirror:
+      host: ratings.shop.svc.cluster.local
+      subset: v3
+    mirrorPercentage: {value: 25.0}
+    route:
+    - destination: {host: ratings.shop.svc.cluster.local, subset: v1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: ratings
+  namespace: shop
+spec:
+  host: ratings.shop.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 100
+        connectTimeout: 250ms
+      http:
+        http1MaxPendingRequests: 50
+        http2MaxRequests: 200
+        maxRequestsPerConnection: 10
+        maxRetries: 5
+        idleTimeout: 60s
+    outlierDetection:
+      consecutive5xxErrors: 3
+      consecutiveGatewayErrors: 2
+      interval: 5s
+      baseEjectionTime: 1m
+      maxEjectionPercent: 50
+      minHealthPercent: 25
+    retryBudget:
+      percent: 25.5
+      minRetryConcurrency: 5
+      budgetInterval: 10s
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+"""
+
+
+def test_resilient_ratings() -> None:
+    """A realistic pair: faults for a canary header, timeout, retries and a 25% mirror
+    otherwise, and a DestinationRule bounding connections, ejecting outliers and budgeting
+    retries; every value parsed as written, the rest at Istio's defaults."""
+    service, rule = parse(RESILIENT)
+    assert isinstance(service, VirtualService)
+    assert isinstance(rule, DestinationRule)
+    host = "ratings.shop.svc.cluster.local"
+    chaos, default = service.http
+    assert chaos == HTTPRoute(
+        name="canary-faults",
+        match=(HTTPMatch(headers={"x-chaos": StringMatch("exact", "on")}),),
+        route=(RouteDestination(destination=Destination(host=host, subset="v2"), weight=100),),
+        fault=HTTPFault(
+            delay=FaultDelay(fixed_delay=2.0, percentage=10.0),
+            abort=FaultAbort(http_status=503, percentage=5.0),
+        ),
+        path="spec.http[0]",
+    )
+    assert default == HTTPRoute(
+        name="default",
+        route=(RouteDestination(destination=Destination(host=host, subset="v1"), weight=100),),
+        timeout=3.0,
+        retries=HTTPRetry(
+            attempts=3,
+            per_try_timeout=1.0,
+            retry_on=(
+                "gateway-error",
+                "connect-failure",
+                "refused-stream",
+                "retriable-status-codes",
+            ),
+            retry_status_codes=(503,),
+        ),
+        mirror=Destination(host=host, subset="v3"),
+        mirror_percentage=25.0,
+        path="spec.http[1]",
+    )
+    assert rule.traffic_policy == TrafficPolicy(
+        connection_pool=ConnectionPoolSettings(
+            tcp=TCPSettings(max_connections=100, connect_timeout=0.25),
+            http=HTTPSettings(
+                http1_max_pending_requests=50,
+                http2_max_requests=200,
+                max_requests_per_connection=10,
+                max_retries=5,
+                idle_timeout=60.0,
+            ),
+        ),
+        outlier_detection=OutlierDetection(
+            consecutive_5xx_errors=3,
+            consecutive_gateway_errors=2,
+            interval=5.0,
+            base_ejection_time=60.0,
+            max_ejection_time=300.0,
+            max_ejection_percent=50.0,
+            min_health_percent=25.0,
+        ),
+        retry_budget=RetryBudget(percent=25.5, min_retry_concurrency=5, budget_interval=10.0),
     )
 
 

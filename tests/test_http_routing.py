@@ -16,30 +16,9 @@ import pytest
 from inmesh import Mesh
 from inmesh.testing.upstream import Upstream
 
-from .conftest import service_yaml
+from .conftest import send, send_all, service_yaml
 
 MODES = ["sync", "async"]
-
-Spec = tuple[str, str, dict[str, str]]  # method, url, headers
-
-
-def send_all(mesh: Mesh, mode: str, specs: list[Spec]) -> list[httpx.Response]:
-    """Send requests through a mesh client of the given flavour; bodies are read."""
-    if mode == "sync":
-        with mesh.client() as client:
-            return [client.request(m, u, headers=h) for m, u, h in specs]
-
-    async def run() -> list[httpx.Response]:
-        async with mesh.async_client() as client:
-            return [await client.request(m, u, headers=h) for m, u, h in specs]
-
-    return asyncio.run(run())
-
-
-def send(
-    mesh: Mesh, mode: str, url: str, headers: dict[str, str] | None = None, method: str = "GET"
-) -> httpx.Response:
-    return send_all(mesh, mode, [(method, url, headers or {})])[0]
 
 
 def two_way(v1: Upstream, v2: Upstream, match: str, host: str = "reviews") -> list[str]:

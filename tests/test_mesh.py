@@ -202,13 +202,13 @@ def test_each_endpoint_has_its_own_pool_and_departed_pools_close(
             for _ in range(10):
                 client.get("http://reviews:9080/")
             pools = dict(transport._pools._pools)
-            assert set(pools) == {("http", a.address, a.port), ("http", b.address, b.port)}
-            departed = pools[("http", b.address, b.port)].pool
+            assert set(pools) == {("http", a.address, a.port, None), ("http", b.address, b.port, None)}
+            departed = pools[("http", b.address, b.port, None)].pool
             assert departed.connections  # a kept-alive connection
 
             registry.put("s.yaml", service_yaml("reviews", [a]))
             client.get("http://reviews:9080/")  # the next request reconciles pools
-            assert set(transport._pools._pools) == {("http", a.address, a.port)}
+            assert set(transport._pools._pools) == {("http", a.address, a.port, None)}
             assert departed.connections == []
 
 

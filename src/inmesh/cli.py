@@ -28,7 +28,7 @@ def _load(
     path: str, *, workload: str | None, labels: dict[str, str] | None, locality: str | None
 ) -> tuple[list[Resource], Snapshot]:
     """Read, validate and compile a registry as a Mesh would, for the given caller."""
-    from inmesh.balancing import StatsTable
+    from inmesh.state import MeshState
     from inmesh.config.parse import parse_documents
     from inmesh.endpoints import Locality
     from inmesh.registry import open_registry
@@ -41,7 +41,7 @@ def _load(
     caller = Caller(
         workload=workload, labels=labels, locality=Locality.parse(locality) if locality else None
     )
-    return resources, compile_snapshot(resources, caller=caller, stats=StatsTable())
+    return resources, compile_snapshot(resources, caller=caller, state=MeshState())
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -115,7 +115,7 @@ def explain(snapshot: Snapshot, request: StaticRequest, *, source: str = "") -> 
                 + (f" subset {d.subset}" if d.subset else "")
                 + (f" port {d.port}" if d.port else "")
             )
-            resolved = snapshot.resolve(dest.spec, request.host, request.port)
+            resolved = snapshot.resolve(d, request.host, request.port)
             state = (
                 ""
                 if not hasattr(resolved, "status")

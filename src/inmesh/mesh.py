@@ -4,8 +4,9 @@ The registry delivers documents; ``parse_documents`` validates them and
 ``compile_snapshot`` turns them into lookup tables for this workload. A valid update
 replaces the snapshot by one reference swap (requests in flight keep theirs); an invalid
 one is rejected whole, logged, reported in ``status``, and the last good snapshot stays.
-Per-endpoint state (active requests, later ejections and breakers) lives in ``stats``,
-keyed by endpoint, so a config push resets nothing it need not.
+Per-endpoint and per-cluster state (active requests, ejections, budgets, pool limits)
+lives in ``state``, keyed by endpoint and cluster, so a config push resets nothing it
+need not.
 
 ``import inmesh`` must stay cheap (the pytest plugin imports it), so httpx, the YAML
 loader and the file watcher are imported when a Mesh first needs them.
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import httpx
 
     from inmesh.balancing import StatsTable
+    from inmesh.state import MeshState
     from inmesh.registry import Registry
     from inmesh.snapshot import Caller, Snapshot
     from inmesh.transports.http import AsyncMeshTransport, MeshTransport
@@ -84,15 +86,15 @@ class Mesh:
         seed: int | None = None,
         watch: bool = True,
     ) -> None:
-        from inmesh.balancing import StatsTable
         from inmesh.registry import open_registry
         from inmesh.snapshot import Caller
+        from inmesh.state import MeshState
 
         if labels is None:
             labels = {"app": workload} if workload else {}
         self.workload = workload
         self.source_id = workload or socket.gethostname()
-        self.stats: StatsTable = StatsTable()
+        self.state: MeshState = MeshState()
         self._caller: Caller = Caller(
             workload=workload,
             namespace=namespace,
@@ -134,6 +136,11 @@ class Mesh:
         return self._snapshot
 
     @property
+    def stats(self) -> StatsTable:
+        """Per-endpoint load figures (requests in flight), shared by all this Mesh's clients."""
+        return self.state.stats
+
+    @property
     def status(self) -> MeshStatus:
         return self._status
 
@@ -154,7 +161,7 @@ class Mesh:
         from inmesh.snapshot import compile_snapshot
 
         resources = parse_documents(self._registry.read())
-        return compile_snapshot(resources, caller=self._caller, stats=self.stats, version=version)
+        return compile_snapshot(resources, caller=self._caller, state=self.state, version=version)
 
     def _on_change(self) -> None:
         if not self._ready:
@@ -186,7 +193,7 @@ class Mesh:
                 )
             else:
                 self._snapshot = snapshot
-                self.stats.retain(snapshot.endpoint_keys)
+                self.state.retain({c.name for c in snapshot.clusters}, snapshot.endpoint_keys)
                 status = MeshStatus(
                     version=snapshot.version,
                     ok=True,

@@ -43,6 +43,8 @@ class LocalReply(NamedTuple):
     status: int
     reason: str
     location: str | None = None
+    grpc_status: str | None = None  # for gRPC callers (fault aborts)
+    overloaded: bool = False  # circuit breaking: answered with x-envoy-overloaded: true
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class Upstream(NamedTuple):
     request_ops: tuple[HeaderOperations, ...]
     response_ops: tuple[HeaderOperations, ...]
     hash_key: bytes | None
+    mirror: Cluster | None  # where a copy goes (fire-and-forget), if the route mirrors
 
 
 Plan = LocalReply | Passthrough | Upstream
@@ -115,15 +118,24 @@ def plan(snapshot: Snapshot, request: RequestView, rng: random.Random, *, source
             )
         return PASSTHROUGH
 
-    cluster = snapshot.resolve(forward.destination.spec if forward else None, host, request.port)
+    cluster = snapshot.resolve(
+        forward.destination.spec.destination if forward else None, host, request.port
+    )
     if isinstance(cluster, NoRoute):
         return LocalReply(cluster.status, cluster.reason)
 
     path = authority = None
+    mirror: Cluster | None = None
     request_ops: tuple[HeaderOperations, ...] = ()
     response_ops: tuple[HeaderOperations, ...] = ()
     if forward is not None:
-        rewrite = forward.route.spec.rewrite
+        spec = forward.route.spec
+        if spec.mirror is not None:
+            share = 100.0 if spec.mirror_percentage is None else spec.mirror_percentage
+            if share >= 100.0 or rng.random() * 100.0 < share:
+                target = snapshot.resolve(spec.mirror, host, request.port)
+                mirror = None if isinstance(target, NoRoute) else target
+        rewrite = spec.rewrite
         if rewrite is not None:
             new_path = rewrite_path(request.path, rewrite, forward.block)
             if new_path != request.path:
@@ -133,4 +145,6 @@ def plan(snapshot: Snapshot, request: RequestView, rng: random.Random, *, source
 
     hashing = cluster.hash_policy
     key = None if hashing is None else hash_key(hashing, request, source)
-    return Upstream(cluster, table, forward, path, authority, request_ops, response_ops, key)
+    return Upstream(
+        cluster, table, forward, path, authority, request_ops, response_ops, key, mirror
+    )

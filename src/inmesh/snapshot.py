@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Generic, TypeVar
 
-from inmesh.balancing import Balancer, StatsTable, build_balancer
+from inmesh.balancing import Balancer, build_balancer
 from inmesh.config.model import (
     ConsistentHash,
     DestinationRule,
     MeshConfig,
     Port,
     Resource,
-    RouteDestination,
+    Destination,
     ServiceEntry,
     TrafficPolicy,
     VirtualService,
@@ -33,6 +33,7 @@ from inmesh.config.model import (
 )
 from inmesh.endpoints import Endpoint, EndpointKey, Locality
 from inmesh.exceptions import ConfigError, Problem
+from inmesh.state import ClusterState, MeshState
 from inmesh.routing import NoRoute, RouteTable, compile_route
 
 __all__ = ["Caller", "Cluster", "ClusterKey", "Service", "Snapshot", "compile_snapshot"]
@@ -90,6 +91,7 @@ class Cluster:
     __slots__ = (
         "_balancer",
         "_caller",
+        "_ejected",
         "_stats",
         "endpoints",
         "hash_policy",
@@ -98,6 +100,7 @@ class Cluster:
         "policy",
         "port",
         "rule",
+        "state",
     )
 
     def __init__(
@@ -109,7 +112,8 @@ class Cluster:
         policy: TrafficPolicy,
         rule: DestinationRule | None,
         caller: Caller,
-        stats: StatsTable,
+        state: MeshState,
+        mesh_config: MeshConfig,
     ) -> None:
         self.key = key
         self.name = str(key)
@@ -120,21 +124,51 @@ class Cluster:
         self.hash_policy: ConsistentHash | None = None if lb is None else lb.consistent_hash
         self.rule = rule
         self._caller = caller
-        self._stats = stats
+        self._stats = state.stats
+        self.state: ClusterState = state.cluster(self.name)
+        self.state.configure(policy, mesh_config.retry_budget)
         self._balancer: Balancer | None = None
+        self._ejected: frozenset[EndpointKey] | None = None
+
+    def _build(self, *, failover: bool, unhealthy: frozenset[EndpointKey]) -> Balancer:
+        return build_balancer(
+            self.endpoints,
+            self.policy.load_balancer,
+            stats=self._stats,
+            caller_locality=self._caller.locality,
+            caller_labels=self._caller.labels,
+            failover=failover,
+            unhealthy=unhealthy,
+        )
 
     @property
     def balancer(self) -> Balancer:
+        """The balancer with every endpoint in play (what ``explain`` shows)."""
         balancer = self._balancer
         if balancer is None:
             # Two threads may both build it; both results are equivalent, one wins.
-            balancer = self._balancer = build_balancer(
-                self.endpoints,
-                self.policy.load_balancer,
-                stats=self._stats,
-                caller_locality=self._caller.locality,
-                caller_labels=self._caller.labels,
+            balancer = self._balancer = self._build(
+                failover=self.policy.outlier_detection is not None, unhealthy=frozenset()
             )
+        return balancer
+
+    def balancer_at(self, now: float) -> Balancer:
+        """The balancer for a request at ``now``: without the endpoints outlier detection
+        has ejected. Ejections are rare, so the balancer is rebuilt when they change."""
+        outlier = self.state.outlier
+        if outlier is None:
+            return self.balancer
+        ejected = outlier.ejected(now)
+        if ejected == self._ejected and self._balancer is not None:
+            return self._balancer
+        detection = self.policy.outlier_detection
+        assert detection is not None
+        mine = frozenset(e.key for e in self.endpoints) & ejected
+        total = len(self.endpoints)
+        if total and (total - len(mine)) * 100 < detection.min_health_percent * total:
+            mine = frozenset()  # below minHealthPercent outlier detection stands aside
+        balancer = self._balancer = self._build(failover=True, unhealthy=mine)
+        self._ejected = ejected
         return balancer
 
 
@@ -210,12 +244,11 @@ class Snapshot:
         return tuple(self._clusters.values())
 
     def resolve(
-        self, destination: RouteDestination | None, host: str, request_port: int
+        self, destination: Destination | None, host: str, request_port: int
     ) -> Cluster | NoRoute:
         """The cluster a destination (or, with none, the requested host itself) names."""
         if destination is not None:
-            dest = destination.destination
-            host, subset, port_number = dest.host, dest.subset, dest.port
+            host, subset, port_number = destination.host, destination.subset, destination.port
         else:
             subset, port_number = None, None
         service = self._services.get(host)
@@ -272,7 +305,7 @@ def compile_snapshot(
     resources: Sequence[Resource],
     *,
     caller: Caller,
-    stats: StatsTable,
+    state: MeshState,
     version: int = 1,
 ) -> Snapshot:
     """Build the lookup tables; raise ``ConfigError`` for conflicts between resources."""
@@ -394,7 +427,8 @@ def compile_snapshot(
                 policy=base_policy,
                 rule=rule,
                 caller=caller,
-                stats=stats,
+                state=state,
+                mesh_config=mesh_config,
             )
             if rule is None:
                 continue
@@ -411,7 +445,8 @@ def compile_snapshot(
                     policy=base_policy.overridden_by(subset.traffic_policy),
                     rule=rule,
                     caller=caller,
-                    stats=stats,
+                    state=state,
+                mesh_config=mesh_config,
                 )
 
     return Snapshot(

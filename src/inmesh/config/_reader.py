@@ -11,6 +11,7 @@ field, as unknown otherwise, with a "did you mean" when a known name is close.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
@@ -164,6 +165,34 @@ class Reader:
             return None
         return value
 
+    def number(
+        self,
+        key: str,
+        *,
+        required: bool = False,
+        low: float | None = None,
+        high: float | None = None,
+    ) -> float | None:
+        """An integer or a decimal (YAML writes ``50`` and ``50.0`` alike) as a float."""
+        value = self.raw(key, required=required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(key, "must be a number")
+            return None
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            self.problem(key, "must be a finite number")
+            return None
+        problem = range_problem(number, low, high)
+        if problem is not None:
+            self.problem(key, problem)
+            return None
+        return number
+
     def boolean(self, key: str) -> bool | None:
         value = self.raw(key)
         if value is None:
@@ -284,7 +313,7 @@ class Reader:
                 self.problems.add(self.at(name), f"unknown field {name!r}{hint}")
 
 
-def range_problem(value: int, low: int | None, high: int | None) -> str | None:
+def range_problem(value: float, low: float | None, high: float | None) -> str | None:
     """The bound that ``value`` breaks, as a message; None when it is within both."""
     if low is not None and value < low:
         return f"must be ≥ {low}"

@@ -10,10 +10,12 @@ name rather than ignored. Every document is read to the end whatever goes wrong,
 
 Defaults follow Istio: a lone route destination gets weight 100, ``redirectCode`` 301, a
 ring hash 1024 entries, a maglev table 65537, an endpoint weight 1, the namespace
-``default``. Two deliberate departures, both because inmesh routes inside the client and
-has no sidecar to fall back on: ``resolution`` defaults to STATIC (Istio's NONE means
-"pass through to the original IP", which needs a proxy), and a port's protocol defaults
-to HTTP (Istio sniffs it).
+``default``; a ``retries`` block without ``retryOn`` gets Istio's default conditions, a
+connection-pool limit of 0 means unlimited, outlier detection counts 5 consecutive 5xx
+every 10s and ejects for 30s, at most 10% of the endpoints. Two deliberate departures,
+both because inmesh routes inside the client and has no sidecar to fall back on:
+``resolution`` defaults to STATIC (Istio's NONE means "pass through to the original IP",
+which needs a proxy), and a port's protocol defaults to HTTP (Istio sniffs it).
 """
 
 from __future__ import annotations
@@ -38,29 +40,40 @@ from inmesh.config._reader import (
 )
 from inmesh.config.document import Document, FieldPath
 from inmesh.config.model import (
+    DEFAULT_RETRY,
+    DEFAULT_RETRY_ON,
+    ConnectionPoolSettings,
     ConsistentHash,
     CookieHashKey,
     Destination,
     DestinationRule,
     Distribute,
     Failover,
+    FaultAbort,
+    FaultDelay,
     HashKey,
     HeaderHashKey,
     HeaderOperations,
     Headers,
+    HTTPFault,
     HTTPMatch,
     HTTPRedirect,
+    HTTPRetry,
     HTTPRewrite,
     HTTPRoute,
+    HTTPSettings,
     LoadBalancerSettings,
     LocalityLbSetting,
     Maglev,
     MeshConfig,
     Origin,
     OutboundMode,
+    OutlierDetection,
     Port,
     QueryHashKey,
+    RatioRetryBudget,
     Resource,
+    RetryBudget,
     RingHash,
     RouteDestination,
     ServiceEntry,
@@ -68,6 +81,7 @@ from inmesh.config.model import (
     SourceIpHashKey,
     StringMatch,
     Subset,
+    TCPSettings,
     TrafficPolicy,
     VirtualService,
     WorkloadEntry,
@@ -132,6 +146,30 @@ def parse_duration(value: object) -> float:
     return int(nanos // _MS) / 1000
 
 
+def _is_zero_duration(value: object) -> bool:
+    """``"0"``, ``"0s"``, ``"0ms"``, ``"0m0s"``: the zero some fields use to mean "off"."""
+    if not isinstance(value, str):
+        return False
+    text = value[1:] if value.startswith("+") else value
+    if text == "0":
+        return True
+    return _DURATION.fullmatch(text) is not None and not any(
+        Fraction(number) for number, _ in _DURATION_PART.findall(text)
+    )
+
+
+def _duration(r: Reader, key: str, *, required: bool = False, zero: bool = False) -> float | None:
+    """Field ``key`` as seconds, or None when absent (or, with ``zero``, written as zero)."""
+    value = r.raw(key, required=required)
+    if value is None or (zero and _is_zero_duration(value)):
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        r.problem(key, str(error))
+        return None
+
+
 # =========================================================================== the tables
 
 _NETWORKING_VERSIONS: Final = (
@@ -181,38 +219,36 @@ _VIRTUAL_SERVICE_NOTES: Final = MappingProxyType(
     {"tcp": NOT_YET + " (only http routes)", "tls": NOT_YET + " (only http routes)"}
 )
 _HTTP_ROUTE_NOTES: Final = MappingProxyType(
-    dict.fromkeys(
-        (
-            "timeout",
-            "retries",
-            "fault",
-            "mirror",
-            "mirrors",
-            "mirrorPercentage",
-            "mirrorPercent",
-            "mirror_percent",
-            "corsPolicy",
-            "delegate",
-            "directResponse",
-        ),
-        NOT_YET,
-    )
+    {
+        **dict.fromkeys(("corsPolicy", "delegate", "directResponse"), NOT_YET),
+        "mirrors": NOT_YET + " (a single mirror: use mirror)",
+    }
 )
+_RETRY_NOTES: Final = MappingProxyType(
+    dict.fromkeys(("retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"), NOT_YET)
+)
+_DELAY_NOTES: Final = MappingProxyType({"exponentialDelay": NOT_YET})
+_ABORT_NOTES: Final = MappingProxyType({"http2Error": NOT_YET})
 _MATCH_NOTES: Final = MappingProxyType(dict.fromkeys(("sourceNamespace", "statPrefix"), NOT_YET))
 _REDIRECT_NOTES: Final = MappingProxyType({"derivePort": NOT_YET})
 _DESTINATION_RULE_NOTES: Final = MappingProxyType({"workloadSelector": NOT_YET})
 _TRAFFIC_POLICY_NOTES: Final = MappingProxyType(
-    dict.fromkeys(
-        (
-            "connectionPool",
-            "outlierDetection",
-            "tls",
-            "portLevelSettings",
-            "tunnel",
-            "proxyProtocol",
+    dict.fromkeys(("tls", "portLevelSettings", "tunnel", "proxyProtocol"), NOT_YET)
+)
+_TCP_POOL_NOTES: Final = MappingProxyType(
+    dict.fromkeys(("tcpKeepalive", "maxConnectionDuration", "idleTimeout"), NOT_YET)
+)
+_HTTP_POOL_NOTES: Final = MappingProxyType(
+    dict.fromkeys(("h2UpgradePolicy", "useClientProtocol", "maxConcurrentStreams"), NOT_YET)
+)
+_OUTLIER_NOTES: Final = MappingProxyType(
+    {
+        "consecutiveErrors": "deprecated by Istio: use consecutive5xxErrors (any 5xx) or "
+        "consecutiveGatewayErrors (502, 503, 504 and connection failures)",
+        **dict.fromkeys(
+            ("splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures"), NOT_YET
         ),
-        NOT_YET,
-    )
+    }
 )
 _LOAD_BALANCER_NOTES: Final = MappingProxyType(
     dict.fromkeys(("warmupDurationSecs", "warmup"), NOT_YET)
@@ -234,7 +270,6 @@ _MESH_CONFIG_NOTES: Final = MappingProxyType(
             "trustDomain",
             "trustDomainAliases",
             "caCertificates",
-            "defaultHttpRetryPolicy",
             "localityLbSetting",
             "connectTimeout",
             "tcpKeepalive",
@@ -288,6 +323,8 @@ _SIMPLE: Final[Mapping[str, SimpleLB | None]] = MappingProxyType(
 )
 
 _MAX_WEIGHT: Final = 2**31 - 1  # route weights are int32 in Istio's API
+_MAX_INT32: Final = 2**31 - 1
+_MAX_UINT32: Final = 2**32 - 1
 _MAX_ENDPOINT_WEIGHT: Final = 2**32 - 1  # endpoint weights are uint32
 _MAX_RING: Final = 8_388_608  # Envoy's bound on minimum_ring_size (8M)
 _MAX_MAGLEV: Final = 5_000_011  # Envoy's bound on Maglev table_size
@@ -905,14 +942,22 @@ def _http_route(r: Reader) -> HTTPRoute:
     redirect = _redirect(r)
     rewrite = _rewrite(r)
     headers = _headers(r)
+    timeout = _duration(r, "timeout")
+    retries = _retries(r, "retries")
+    fault = _fault(r)
+    mirror, mirror_percentage = _mirror(r)
     has_route, has_redirect = r.present("route"), r.present("redirect")
     if has_route and has_redirect:
         r.problem(None, "route and redirect are exclusive: set one")
     elif not (has_route or has_redirect or r.present("delegate") or r.present("directResponse")):
         # (A delegate or directResponse is reported by name as unsupported instead.)
         r.problem(None, "set route or redirect")
+    # Istio refuses these two beside a redirect; it accepts timeout, retries and mirror
+    # there (they have nothing to act on), and so does inmesh.
     if has_redirect and r.present("rewrite"):
         r.problem("rewrite", "rewrite cannot be used with redirect")
+    if has_redirect and r.present("fault"):
+        r.problem("fault", "fault cannot be used with redirect")
     r.done()
     return HTTPRoute(
         name=name,
@@ -921,6 +966,11 @@ def _http_route(r: Reader) -> HTTPRoute:
         redirect=redirect,
         rewrite=rewrite,
         headers=headers,
+        timeout=timeout,
+        retries=retries,
+        fault=fault,
+        mirror=mirror,
+        mirror_percentage=mirror_percentage,
         path=render_path(r.path),
     )
 
@@ -1037,6 +1087,211 @@ def _rewrite(route: Reader) -> HTTPRewrite | None:
     return HTTPRewrite(uri=uri or None, authority=authority or None, uri_regex=uri_regex)
 
 
+# =========================================================================== failure management
+
+# Envoy's retry conditions (x-envoy-retry-on and x-envoy-retry-grpc-on) that inmesh
+# implements, and those Istio accepts that it does not (yet).
+_RETRY_ON: Final = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
+_LATER_RETRY_ON: Final = frozenset(
+    {"envoy-ratelimited", "retriable-headers", "reset-before-request", "http3-post-connect-failure"}
+)
+_GRPC_STATUS: Final = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+_ABORT_KINDS: Final = ("httpStatus", "grpcStatus", "http2Error")
+_MIRROR_PERCENT_KEYS: Final = ("mirrorPercentage", "mirrorPercent", "mirror_percent")
+# Envoy keeps a fault's percentage in millionths (FractionalPercent), so Istio refuses a
+# non-zero value below one millionth rather than let it round to zero.
+_LEAST_FAULT_PERCENT: Final = 0.0001
+
+
+def _retries(owner: Reader, key: str) -> HTTPRetry | None:
+    """A VirtualService ``retries`` (or the mesh's ``defaultHttpRetryPolicy``).
+
+    Istio's ``attempts`` is a plain int32, so an absent one is 0: retries off. Istio
+    refuses 0 beside ``retryOn`` or ``perTryTimeout``, which would have nothing to
+    apply to; ``retries: {}`` alone is a valid way of saying "no retries".
+    """
+    r = owner.child(key, _RETRY_NOTES)
+    if r is None:
+        return None
+    attempts = r.integer("attempts", low=0, high=_MAX_INT32)
+    per_try_timeout = _duration(r, "perTryTimeout")
+    text = r.string("retryOn") or ""  # "" is protobuf's unset: the default conditions
+    retry_on, codes = _retry_on(r, text) if text else (DEFAULT_RETRY_ON, ())
+    settings = " and ".join(name for name in ("perTryTimeout", "retryOn") if r.body.get(name))
+    if settings and not r.present("attempts"):
+        r.problem(
+            None,
+            f"{settings} set without attempts, which Istio reads as 0 (no retries): "
+            "set attempts to 1 or more",
+        )
+    elif settings and attempts == 0:
+        r.problem(
+            "attempts",
+            f"0 turns retries off, which leaves {settings} nothing to do: "
+            f"set attempts to 1 or more, or remove {settings}",
+        )
+    r.done()
+    return HTTPRetry(
+        attempts=attempts or 0,
+        per_try_timeout=per_try_timeout,
+        retry_on=retry_on,
+        retry_status_codes=codes,
+    )
+
+
+def _retry_on(r: Reader, text: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``retryOn``'s comma-separated conditions and plain status codes, each kept once."""
+    conditions: dict[str, None] = {}  # dicts as ordered sets: the order written is kept
+    codes: dict[int, None] = {}
+    for token in text.split(","):
+        if token.isascii() and token.isdigit():
+            code = int(token)
+            if 100 <= code <= 599:
+                codes[code] = None
+            else:
+                r.problem("retryOn", f"{token}: a status code is between 100 and 599")
+        elif token in _RETRY_ON:
+            conditions[token] = None
+        elif token in _LATER_RETRY_ON:
+            r.problem("retryOn", f"{token}: {NOT_YET}")
+        elif not token.strip():
+            r.problem("retryOn", f"{text!r} has an empty condition: remove the stray comma")
+        elif token != token.strip():
+            r.problem("retryOn", f"{token!r}: write the conditions without spaces ('5xx,reset')")
+        else:
+            r.problem(
+                "retryOn",
+                f"{token!r} is not a retry condition nor an HTTP status code"
+                f"{suggestion(token, _RETRY_ON)}",
+            )
+    # Istio adds the condition that makes Envoy look at the codes when only codes are given.
+    if codes:
+        conditions["retriable-status-codes"] = None
+    return tuple(conditions), tuple(codes)
+
+
+def _percentage(owner: Reader, key: str, *, fault: bool) -> float | None:
+    """Istio's ``Percent`` message, ``{value: 0-100}``."""
+    r = owner.child(key)
+    if r is None:
+        return None
+    value = r.number("value", required=True, low=0, high=100)
+    if fault and value is not None and 0 < value < _LEAST_FAULT_PERCENT:
+        r.problem("value", f"{value} is too small: 0 or at least {_LEAST_FAULT_PERCENT}")
+    r.done()
+    return value
+
+
+def _percent_field(r: Reader, key: str, legacy: Sequence[str], *, fault: bool) -> float | None:
+    """``key`` (a ``Percent``) or one of its deprecated integer spellings, not both."""
+    value = _percentage(r, key, fault=fault)
+    seen = key if r.present(key) else None
+    for old in legacy:
+        number = r.integer(old, low=0, high=100)
+        if not r.present(old):
+            continue
+        if seen is not None:
+            r.problem(old, f"{old} is the deprecated form of {key}: set only {seen}")
+            continue
+        seen = old
+        if number is not None:
+            value = float(number)
+    return value
+
+
+def _fault(route: Reader) -> HTTPFault | None:
+    r = route.child("fault")
+    if r is None:
+        return None
+    delay = _fault_delay(r)
+    abort = _fault_abort(r)
+    if not (r.present("delay") or r.present("abort")):
+        r.problem(None, "a fault needs a delay, an abort or both")
+    r.done()
+    return HTTPFault(delay=delay, abort=abort)
+
+
+def _fault_delay(fault: Reader) -> FaultDelay | None:
+    r = fault.child("delay", _DELAY_NOTES)
+    if r is None:
+        return None
+    # (An exponentialDelay in its place is reported by name as unsupported instead.)
+    fixed_delay = _duration(r, "fixedDelay", required=not r.present("exponentialDelay"))
+    percentage = _percent_field(r, "percentage", ("percent",), fault=True)
+    r.done()
+    return FaultDelay(fixed_delay=fixed_delay or 0.0, percentage=percentage)
+
+
+def _fault_abort(fault: Reader) -> FaultAbort | None:
+    r = fault.child("abort", _ABORT_NOTES)
+    if r is None:
+        return None
+    http_status = r.integer("httpStatus", low=200, high=599)
+    grpc_status: str | None = None
+    name = r.string("grpcStatus", non_empty=True)
+    if name is not None:
+        if name.upper() in _GRPC_STATUS:
+            grpc_status = name.upper()
+        else:
+            r.problem(
+                "grpcStatus",
+                f"{name!r} is not a gRPC status name (e.g. UNAVAILABLE)"
+                f"{suggestion(name, _GRPC_STATUS)}",
+            )
+    percentage = _percentage(r, "percentage", fault=True)
+    given = [kind for kind in _ABORT_KINDS if r.present(kind)]
+    if len(given) > 1:
+        r.problem(None, f"set only one of httpStatus, grpcStatus (found {', '.join(given)})")
+    elif not given:
+        r.problem(None, "set one of httpStatus, grpcStatus")
+    r.done()
+    return FaultAbort(http_status=http_status, grpc_status=grpc_status, percentage=percentage)
+
+
+def _mirror(route: Reader) -> tuple[Destination | None, float | None]:
+    target = route.child("mirror")
+    mirror = _destination(target) if target is not None else None
+    primary, *legacy = _MIRROR_PERCENT_KEYS
+    percentage = _percent_field(route, primary, legacy, fault=False)
+    if not route.present("mirror"):
+        for key in _MIRROR_PERCENT_KEYS:
+            if route.present(key):
+                route.problem(key, f"{key} without a mirror: set mirror too")
+                break
+    return mirror, percentage
+
+
 # =========================================================================== DestinationRule
 
 
@@ -1077,8 +1332,96 @@ def _traffic_policy(owner: Reader) -> TrafficPolicy | None:
     if not r:
         r.problem(None, "a traffic policy must set at least one field")
     load_balancer = _load_balancer(r)
+    connection_pool = _connection_pool(r)
+    outlier_detection = _outlier_detection(r)
+    retry_budget = _retry_budget(r)
     r.done()
-    return TrafficPolicy(load_balancer=load_balancer)
+    return TrafficPolicy(
+        load_balancer=load_balancer,
+        connection_pool=connection_pool,
+        outlier_detection=outlier_detection,
+        retry_budget=retry_budget,
+    )
+
+
+def _limit(r: Reader, key: str) -> int | None:
+    """A connection-pool limit: an int32 ≥ 0 where 0, protobuf's unset, means unlimited."""
+    return r.integer(key, low=0, high=_MAX_INT32) or None
+
+
+def _connection_pool(policy: Reader) -> ConnectionPoolSettings | None:
+    r = policy.child("connectionPool")
+    if r is None:
+        return None
+    if not (r.present("tcp") or r.present("http")):
+        r.problem(None, "a connection pool needs tcp, http or both")
+    tcp = TCPSettings()
+    tcp_reader = r.child("tcp", _TCP_POOL_NOTES)
+    if tcp_reader is not None:
+        tcp = TCPSettings(
+            max_connections=_limit(tcp_reader, "maxConnections"),
+            connect_timeout=_duration(tcp_reader, "connectTimeout") or tcp.connect_timeout,
+        )
+        tcp_reader.done()
+    http = HTTPSettings()
+    http_reader = r.child("http", _HTTP_POOL_NOTES)
+    if http_reader is not None:
+        http = HTTPSettings(
+            http1_max_pending_requests=_limit(http_reader, "http1MaxPendingRequests"),
+            http2_max_requests=_limit(http_reader, "http2MaxRequests"),
+            max_requests_per_connection=_limit(http_reader, "maxRequestsPerConnection"),
+            max_retries=_limit(http_reader, "maxRetries"),
+            idle_timeout=_duration(http_reader, "idleTimeout"),
+        )
+        http_reader.done()
+    r.done()
+    return ConnectionPoolSettings(tcp=tcp, http=http)
+
+
+def _outlier_detection(policy: Reader) -> OutlierDetection | None:
+    r = policy.child("outlierDetection", _OUTLIER_NOTES)
+    if r is None:
+        return None
+    default = OutlierDetection()
+    # Wrapped integers in Istio's API: absent takes Envoy's default, 0 turns the check off.
+    five_xx = r.integer("consecutive5xxErrors", low=0, high=_MAX_UINT32)
+    if five_xx is None:
+        five_xx = default.consecutive_5xx_errors
+    gateway = r.integer("consecutiveGatewayErrors", low=0, high=_MAX_UINT32)
+    interval = _duration(r, "interval")
+    base_ejection_time = _duration(r, "baseEjectionTime")
+    # Plain integers: Istio passes 0 on as unset, so maxEjectionPercent 0 is Envoy's 10.
+    max_ejection = r.integer("maxEjectionPercent", low=0, high=100)
+    min_health = r.integer("minHealthPercent", low=0, high=100)
+    r.done()
+    return OutlierDetection(
+        consecutive_5xx_errors=five_xx or None,
+        consecutive_gateway_errors=gateway or None,
+        interval=interval or default.interval,
+        base_ejection_time=base_ejection_time or default.base_ejection_time,
+        max_ejection_percent=float(max_ejection) if max_ejection else default.max_ejection_percent,
+        min_health_percent=float(min_health or 0),
+    )
+
+
+def _retry_budget(policy: Reader) -> RetryBudget | None:
+    r = policy.child("retryBudget")
+    if r is None:
+        return None
+    default = RetryBudget()
+    percent = r.number("percent", low=0, high=100)
+    min_retry_concurrency = r.integer("minRetryConcurrency", low=0, high=_MAX_UINT32)
+    budget_interval = _duration(r, "budgetInterval", zero=True)  # 0: active requests only
+    r.done()
+    return RetryBudget(
+        percent=default.percent if percent is None else percent,
+        min_retry_concurrency=(
+            default.min_retry_concurrency
+            if min_retry_concurrency is None
+            else min_retry_concurrency
+        ),
+        budget_interval=budget_interval,
+    )
 
 
 def _load_balancer(policy: Reader) -> LoadBalancerSettings | None:
@@ -1245,8 +1588,50 @@ def _failover(lb: Reader) -> tuple[Failover, ...]:
 
 def _mesh_config(spec: Reader, meta: _Meta) -> MeshConfig:
     outbound = _outbound_traffic_policy(spec)
+    default_retry = _retries(spec, "defaultHttpRetryPolicy") or DEFAULT_RETRY
+    retry_budget = _ratio_retry_budget(spec)
+    allow_header_faults = spec.boolean("allowHeaderFaults") or False
+    mirror_max_in_flight = _mirroring(spec)
     spec.done()
-    return MeshConfig(name=meta.name, origin=meta.origin, outbound_traffic_policy=outbound)
+    return MeshConfig(
+        name=meta.name,
+        origin=meta.origin,
+        outbound_traffic_policy=outbound,
+        default_http_retry_policy=default_retry,
+        retry_budget=retry_budget,
+        allow_header_faults=allow_header_faults,
+        mirror_max_in_flight=mirror_max_in_flight,
+    )
+
+
+def _ratio_retry_budget(spec: Reader) -> RatioRetryBudget | None:
+    """inmesh's mesh-wide budget (Linkerd's ``retryBudget`` shape); on unless disabled."""
+    default = RatioRetryBudget()
+    r = spec.child("retryBudget")
+    if r is None:
+        return default
+    ratio = r.number("retryRatio", low=0, high=1)
+    floor = r.number("minRetriesPerSecond", low=0)
+    ttl = _duration(r, "ttl")
+    enabled = r.boolean("enabled")
+    r.done()
+    if enabled is False:
+        return None
+    return RatioRetryBudget(
+        retry_ratio=default.retry_ratio if ratio is None else ratio,
+        min_retries_per_second=default.min_retries_per_second if floor is None else floor,
+        ttl=ttl or default.ttl,
+    )
+
+
+def _mirroring(spec: Reader) -> int:
+    default = MeshConfig().mirror_max_in_flight
+    r = spec.child("mirroring")
+    if r is None:
+        return default
+    max_in_flight = r.integer("maxInFlight", low=1, high=_MAX_INT32)
+    r.done()
+    return default if max_in_flight is None else max_in_flight
 
 
 def _outbound_traffic_policy(spec: Reader) -> OutboundMode:

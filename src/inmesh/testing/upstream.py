@@ -3,14 +3,24 @@
 ``Upstream("reviews-v1")`` starts a threaded HTTP/1.1 server on 127.0.0.1 (an ephemeral
 port) that answers every request with JSON naming itself and echoing what it received:
 method, path, query, headers. It records each request, so a test can assert what
-reached which endpoint. ``?status=503`` answers with that status, ``?bytes=N`` with a
-body of N bytes; nothing else is special.
+reached which endpoint.
+
+It can misbehave on request, per request through the query string or for every request
+through ``behave()``: ``status=503`` answers with that status; ``delay=0.5`` waits before
+answering; ``reset=1`` drops the connection with a TCP reset instead of answering;
+``trickle=N`` sends a body of N bytes one byte every ``interval`` seconds (default 0.05);
+``bytes=N`` sends a body of N bytes at once. ``fail_next(n, status)`` makes the next n
+requests fail.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import struct
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -40,10 +50,38 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in self.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self.server.upstream._record(Received(self.command, self.path, headers))
+        upstream = self.server.upstream
+        upstream._record(Received(self.command, self.path, headers))
         _, _, query = self.path.partition("?")
-        params = dict(parse_qsl(query))
+        params = {**upstream._behaviour, **dict(parse_qsl(query))}
+        failing = upstream._take_failure()
+        if failing is not None:
+            params["status"] = str(failing)
+        if "delay" in params:
+            time.sleep(float(params["delay"]))
+        if params.get("reset"):
+            # SO_LINGER 0: close() sends RST, as a crashed or overloaded upstream does.
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            self.close_connection = True
+            self.connection.close()
+            return
         status = int(params.get("status", 200))
+        if "trickle" in params:
+            size, interval = int(params["trickle"]), float(params.get("interval", 0.05))
+            self.send_response(status)
+            self.send_header("content-length", str(size))
+            self.send_header("x-upstream", upstream.name)
+            self.end_headers()
+            try:
+                for _ in range(size):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(interval)
+            except OSError:
+                self.close_connection = True  # the client gave up: that is the point
+            return
         if "bytes" in params:
             payload = b"x" * int(params["bytes"])
             content_type = "application/octet-stream"
@@ -77,6 +115,12 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     upstream: Upstream
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that gave up (a cut deadline, a closed pool) is business as usual here.
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
 
 class Upstream:
     """A loopback HTTP server that says who it is. Use as a context manager."""
@@ -88,6 +132,22 @@ class Upstream:
         self._lock = threading.Lock()
         self._received: list[Received] = []
         self._thread: threading.Thread | None = None
+        self._behaviour: dict[str, str] = {}
+        self._failures: list[int] = []
+
+    def behave(self, **params: object) -> None:
+        """Misbehave on every request from now on (``behave()`` with nothing: behave)."""
+        with self._lock:
+            self._behaviour = {k: str(v) for k, v in params.items()}
+
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """Answer the next ``count`` requests with ``status``."""
+        with self._lock:
+            self._failures.extend([status] * count)
+
+    def _take_failure(self) -> int | None:
+        with self._lock:
+            return self._failures.pop(0) if self._failures else None
 
     @property
     def address(self) -> str:

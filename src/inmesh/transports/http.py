@@ -1,8 +1,9 @@
 """The httpx transports: the mesh as an ``httpx.BaseTransport`` and ``AsyncBaseTransport``.
 
-Every decision comes from the core (``plan`` and the cluster's balancer) through
-``_Exchange``, which both transports share; the two classes differ only in how they send
-and close. Each upstream endpoint gets its own httpcore connection pool, so a slow
+Every decision comes from the core: ``plan`` routes, ``attempt_flow`` decides faults,
+deadlines, endpoints, retries and budgets. The two transports only drive that flow —
+send an attempt, wait, close a discarded response — and differ only in how they wait and
+send, line for line. Each upstream endpoint gets its own httpcore connection pool, so a slow
 endpoint cannot take the connections another needs; pools of endpoints that left the
 registry are closed once their last response is.
 
@@ -14,25 +15,40 @@ The upstream sees the logical ``Host``; the caller's response keeps the logical 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import random
+import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import anyio
 import httpcore
 import httpx
 
 from inmesh.balancing import EndpointStats, PickContext
+from inmesh.config.model import ConnectionPoolSettings
 from inmesh.endpoints import Endpoint, EndpointKey
 from inmesh.exceptions import UpstreamError
-from inmesh.plan import LocalReply, Passthrough, Upstream, plan
+from inmesh.flow import TIMEOUT_BODY, Attempted, Finish, Send, Wait, attempt_flow, fault_abort
+from inmesh.plan import LocalReply, Plan, Upstream, plan
+from inmesh.resilience.limits import EndpointLimits
+from inmesh.resilience.retry import Failure, Outcome
 from inmesh.routing import apply_header_ops
+from inmesh.testing.faults import OVERLAY, CallRecord
+from inmesh.transports._watchdog import Timer, watchdog
 
 if TYPE_CHECKING:
     from inmesh.mesh import Mesh
     from inmesh.snapshot import Snapshot
 
 __all__ = ["AsyncMeshTransport", "MeshTransport", "RouteInfo"]
+
+log = logging.getLogger("inmesh.transport")
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -50,6 +66,7 @@ class RouteInfo(NamedTuple):
     virtual_service: str | None
     route: str | None
     snapshot: int
+    attempts: int
 
 
 class _View:
@@ -112,6 +129,8 @@ def _local_response(reply: LocalReply) -> httpx.Response:
     headers = [("content-type", "text/plain; charset=utf-8")]
     if reply.location is not None:
         headers.append(("location", reply.location))
+    if reply.overloaded:
+        headers.append(("x-envoy-overloaded", "true"))
     return httpx.Response(reply.status, headers=headers, content=f"{reply.reason}\n".encode())
 
 
@@ -126,79 +145,15 @@ class _Pool:
         self.retired = False
 
 
-PoolKey = tuple[str, str, int]  # (scheme, address, port)
-
-
-class _Exchange:
-    """The decisions of one request, shared by both transports; no I/O of its own."""
-
-    __slots__ = ("core_request", "info", "key", "plan", "stats")
-
-    def __init__(
-        self,
-        request: httpx.Request,
-        upstream: Upstream,
-        endpoint: Endpoint,
-        stats: EndpointStats,
-        snapshot: Snapshot,
-    ) -> None:
-        url = request.url
-        scheme = url.scheme
-        cluster = upstream.cluster
-        self.plan = upstream
-        self.stats = stats
-        self.key: PoolKey = (scheme, endpoint.address, endpoint.port)
-        headers = request.headers.raw
-        if upstream.request_ops or upstream.authority is not None:
-            headers = list(headers)
-            if upstream.authority is not None:
-                headers = [(k, v) for k, v in headers if k.lower() != b"host"]
-                headers.insert(0, (b"Host", upstream.authority.encode()))
-            for ops in upstream.request_ops:
-                headers = apply_header_ops(headers, ops)
-        extensions: dict[str, Any] = request.extensions
-        if scheme == "https":
-            # Verify the upstream's certificate against the logical host, not the address.
-            extensions = {**extensions, "sni_hostname": upstream.authority or url.host}
-        target = url.raw_path if upstream.path is None else upstream.path.encode()
-        self.core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=url.raw_scheme,
-                host=endpoint.address.encode(),
-                port=endpoint.port,
-                target=target,
-            ),
-            headers=headers,
-            content=request.stream,
-            extensions=extensions,
-        )
-        forward, table = upstream.forward, upstream.table
-        self.info = RouteInfo(
-            url.host,
-            cluster.name,
-            endpoint,
-            None if table is None else table.name,
-            None if forward is None else forward.route.spec.path,
-            snapshot.version,
-        )
-
-    def where(self) -> str:
-        return f"{self.info.host} via {self.info.cluster} at {self.info.endpoint}"
-
-    def response(self, status: int, headers: Any, stream: Any, extensions: Any) -> httpx.Response:
-        if self.plan.response_ops:
-            headers = list(headers)
-            for ops in self.plan.response_ops:
-                headers = apply_header_ops(headers, ops)
-        extensions["inmesh"] = self.info  # httpcore's dict, made for this response alone
-        return httpx.Response(status, headers=headers, stream=stream, extensions=extensions)
+# (scheme, address, port, the cluster's connectionPool settings): clusters with different
+# pool settings for one endpoint (subsets) get pools of their own.
+PoolKey = tuple[str, str, int, ConnectionPoolSettings | None]
 
 
 class _PoolSet:
     """Per-endpoint pools with retirement; the bookkeeping runs under a lock, I/O after it."""
 
-    def __init__(self, factory: Any) -> None:
+    def __init__(self, factory: Callable[[ConnectionPoolSettings | None], Any]) -> None:
         self._factory = factory
         self._pools: dict[PoolKey, _Pool] = {}
         self._lock = threading.Lock()
@@ -208,7 +163,7 @@ class _PoolSet:
         with self._lock:
             entry = self._pools.get(key)
             if entry is None or entry.retired:
-                entry = self._pools[key] = _Pool(self._factory())
+                entry = self._pools[key] = _Pool(self._factory(key[3]))
             entry.active += 1
             return entry
 
@@ -242,6 +197,115 @@ class _PoolSet:
             return pools
 
 
+class _Failed(NamedTuple):
+    """An attempt that raised: the error and where it happened, translated on delivery."""
+
+    error: Exception
+    where: str
+
+
+class _Hold:
+    """What one attempt holds until its response is closed: a pool use, an active-request
+    count, a connection-pool admission, a deadline timer."""
+
+    __slots__ = ("entry", "limits", "stats", "timer")
+
+    def __init__(self, entry: _Pool, stats: EndpointStats, limits: EndpointLimits | None) -> None:
+        self.entry = entry
+        self.stats = stats
+        self.limits = limits
+        self.timer: Timer | None = None
+
+
+def _outcome(exc: Exception, mesh_cut: bool) -> Outcome:
+    """How a transport error counts for retries and outlier detection (Envoy's terms)."""
+    if isinstance(exc, httpcore.ConnectTimeout | httpcore.ConnectError):
+        return Outcome(failure=Failure.TIMEOUT if mesh_cut else Failure.CONNECT)
+    if isinstance(exc, httpcore.TimeoutException | TimeoutError):
+        # The mesh's deadline is a per-try timeout; the caller's own timeout ends the call.
+        return Outcome(failure=Failure.TIMEOUT) if mesh_cut else Outcome()
+    if isinstance(exc, httpcore.RemoteProtocolError | httpcore.ReadError | httpcore.WriteError):
+        return Outcome(failure=Failure.RESET)
+    return Outcome()
+
+
+def _replayable(request: httpx.Request) -> bool:
+    # Bytes given up front can be sent again; a generator or file stream cannot.
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+def _shadow(authority: bytes) -> bytes:
+    """Envoy marks mirrored requests by suffixing the host with ``-shadow``."""
+    host, sep, port = authority.rpartition(b":")
+    if sep and port.isdigit() and not host.endswith(b"]"):
+        return host + b"-shadow:" + port
+    return authority + b"-shadow"
+
+
+class _Exchange:
+    """One attempt's httpcore request, built from the caller's ``httpx.Request``."""
+
+    __slots__ = ("core_request", "key", "mesh_cut", "where")
+
+    def __init__(
+        self,
+        request: httpx.Request,
+        upstream: Upstream,
+        endpoint: Endpoint,
+        attempt: int,
+        timeout: float | None,
+        *,
+        shadow: bool = False,
+    ) -> None:
+        url = request.url
+        scheme = url.scheme
+        cluster = upstream.cluster
+        pool = cluster.policy.connection_pool
+        self.key: PoolKey = (scheme, endpoint.address, endpoint.port, pool)
+        headers = list(request.headers.raw)
+        if upstream.authority is not None or shadow:
+            authority = upstream.authority.encode() if upstream.authority else url.netloc
+            headers = [(k, v) for k, v in headers if k.lower() != b"host"]
+            headers.insert(0, (b"Host", _shadow(authority) if shadow else authority))
+        for ops in upstream.request_ops:
+            headers = apply_header_ops(headers, ops)
+        headers.append((b"x-envoy-attempt-count", str(attempt).encode()))
+        extensions: dict[str, Any] = request.extensions
+        connect = None if pool is None else pool.tcp.connect_timeout
+        self.mesh_cut = False
+        if timeout is not None or connect is not None or scheme == "https":
+            extensions = dict(extensions)
+            caller = extensions.get("timeout") or {}
+            limits = dict(caller)
+            if timeout is not None:
+                # The tighter of the caller's timeout and the mesh's wins, per operation.
+                for phase in ("connect", "read", "write", "pool"):
+                    own = caller.get(phase)
+                    if own is None or timeout < own:
+                        limits[phase] = timeout
+                        self.mesh_cut = True
+            if connect is not None and (limits.get("connect") or connect + 1) > connect:
+                limits["connect"] = connect
+            extensions["timeout"] = limits
+            if scheme == "https":
+                # Verify the upstream's certificate against the logical host, not the address.
+                extensions["sni_hostname"] = upstream.authority or url.host
+        target = url.raw_path if upstream.path is None else upstream.path.encode()
+        self.core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=url.raw_scheme,
+                host=endpoint.address.encode(),
+                port=endpoint.port,
+                target=target,
+            ),
+            headers=headers,
+            content=request.stream,
+            extensions=extensions,
+        )
+        self.where = f"{url.host} via {cluster.name} at {endpoint}"
+
+
 class _TransportBase:
     def __init__(
         self,
@@ -267,8 +331,10 @@ class _TransportBase:
         self._rng = random.Random(seed)
         self._pick = PickContext(rng=self._rng)  # the context of every pick without a hash key
         self._source = mesh.source_id
+        self._mirror_lock = threading.Lock()
+        self._mirrors_in_flight = 0
 
-    def _pool_options(self) -> dict[str, Any]:
+    def _pool_options(self, settings: ConnectionPoolSettings | None) -> dict[str, Any]:
         if self._ssl_context is None:
             verify, cert, trust_env = self._tls
             if isinstance(verify, bool | str):
@@ -278,7 +344,7 @@ class _TransportBase:
             else:
                 self._ssl_context = verify
         limits = self._limits
-        return {
+        options = {
             "ssl_context": self._ssl_context,
             "max_connections": limits.max_connections,
             "max_keepalive_connections": limits.max_keepalive_connections,
@@ -287,6 +353,16 @@ class _TransportBase:
             "http2": self._http[1],
             "local_address": self._local_address,
         }
+        if settings is not None:
+            # DestinationRule connectionPool: per endpoint, as Istio documents the limits.
+            cap = settings.tcp.max_connections
+            if cap is not None:
+                options["max_connections"] = min(cap, options["max_connections"] or cap)
+            if settings.http.max_requests_per_connection == 1:
+                options["max_keepalive_connections"] = 0  # a new connection per request
+            if settings.http.idle_timeout is not None:
+                options["keepalive_expiry"] = settings.http.idle_timeout
+        return options
 
     def _passthrough_options(self) -> dict[str, Any]:
         verify, cert, trust_env = self._tls
@@ -301,65 +377,226 @@ class _TransportBase:
             "local_address": self._local_address,
         }
 
-    def _decide(
-        self, request: httpx.Request
-    ) -> tuple[Snapshot, Upstream | LocalReply | Passthrough, Endpoint | None]:
+    def _start(self, request: httpx.Request) -> tuple[Snapshot, _View, Plan]:
         snapshot = self._mesh.snapshot
-        decision = plan(snapshot, _View(request), self._rng, source=self._source)
-        if not isinstance(decision, Upstream):
-            return snapshot, decision, None
-        context = self._pick
-        if decision.hash_key is not None:
-            context = PickContext(rng=self._rng, hash_key=decision.hash_key)
-        endpoint = decision.cluster.balancer.pick(context)
-        if endpoint is None:
-            reply = LocalReply(503, f"no healthy upstream in {decision.cluster.name}")
-            return snapshot, reply, None
-        return snapshot, decision, endpoint
+        view = _View(request)
+        return snapshot, view, plan(snapshot, view, self._rng, source=self._source)
+
+    def _flow(
+        self, snapshot: Snapshot, view: _View, upstream: Upstream, request: httpx.Request
+    ) -> Any:
+        pick = self._pick
+        if upstream.hash_key is not None:
+            pick = PickContext(rng=self._rng, hash_key=upstream.hash_key)
+        return attempt_flow(
+            upstream,
+            view,
+            rng=self._rng,
+            now=time.monotonic(),
+            replayable=_replayable(request),
+            mesh_config=snapshot.mesh_config,
+            pick=pick,
+        )
+
+    def _passthrough_fault(self, view: _View) -> Any:
+        if not OVERLAY.active:
+            return None
+        return OVERLAY.match(
+            host=view.host, method=view.method, path=view.path, header=view.header, subset=None
+        )
+
+    def _mirror_admit(self, snapshot: Snapshot, request: httpx.Request) -> bool:
+        """Room for one more mirrored request? Overflow is dropped and counted."""
+        state = self._mesh.state
+        with self._mirror_lock:
+            if (
+                _replayable(request)
+                and self._mirrors_in_flight < snapshot.mesh_config.mirror_max_in_flight
+            ):
+                self._mirrors_in_flight += 1
+                state.mirrors_sent += 1
+                return True
+            state.mirrors_dropped += 1
+            return False
+
+    def _mirror_done(self) -> None:
+        with self._mirror_lock:
+            self._mirrors_in_flight -= 1
+
+    def _deliver(
+        self,
+        request: httpx.Request,
+        view: _View,
+        upstream: Upstream,
+        finish: Finish,
+        snapshot: Snapshot,
+    ) -> httpx.Response:
+        result = finish.result
+        if OVERLAY.recording:
+            status = None
+            if finish.reply is not None:
+                status = finish.reply.status
+            elif isinstance(result, httpx.Response):
+                status = result.status_code
+            OVERLAY.record(
+                CallRecord(
+                    host=view.host,
+                    method=view.method,
+                    path=view.path,
+                    subset=upstream.cluster.key.subset,
+                    endpoint=None if finish.endpoint is None else str(finish.endpoint),
+                    status=status,
+                    grpc_status=None,
+                    attempts=finish.attempts,
+                    injected=finish.injected,
+                    error=type(result.error).__name__ if isinstance(result, _Failed) else None,
+                )
+            )
+        if finish.reply is not None:
+            return _local_response(finish.reply)
+        if isinstance(result, _Failed):
+            error = _translate(result.error, request, result.where)
+            if error is None:
+                raise result.error
+            raise error from error.__cause__
+        forward, table = upstream.forward, upstream.table
+        assert finish.endpoint is not None
+        result.extensions["inmesh"] = RouteInfo(
+            view.host,
+            upstream.cluster.name,
+            finish.endpoint,
+            None if table is None else table.name,
+            None if forward is None else forward.route.spec.path,
+            snapshot.version,
+            finish.attempts,
+        )
+        return result  # type: ignore[no-any-return]
+
+    def _respond(
+        self, upstream: Upstream, status: int, headers: Any, stream: Any, extensions: Any
+    ) -> httpx.Response:
+        if upstream.response_ops:
+            headers = list(headers)
+            for ops in upstream.response_ops:
+                headers = apply_header_ops(headers, ops)
+        return httpx.Response(status, headers=headers, stream=stream, extensions=extensions)
 
 
 class MeshTransport(_TransportBase, httpx.BaseTransport):
-    """An ``httpx.BaseTransport`` that routes and balances by the mesh configuration."""
+    """An ``httpx.BaseTransport`` that routes, balances and retries by the mesh configuration."""
 
     def __init__(self, mesh: Mesh, **options: Any) -> None:
         super().__init__(mesh, **options)
-        self._pools = _PoolSet(lambda: httpcore.ConnectionPool(**self._pool_options()))
+        self._pools = _PoolSet(lambda s: httpcore.ConnectionPool(**self._pool_options(s)))
         self._passthrough: httpx.HTTPTransport | None = None
+        self._mirror_pool: ThreadPoolExecutor | None = None
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        snapshot, decision, endpoint = self._decide(request)
+        snapshot, view, decision = self._start(request)
         if snapshot.version != self._pools.version:
             for pool in self._pools.retire(snapshot.endpoint_keys, snapshot.version):
                 pool.close()
-        if isinstance(decision, LocalReply):
-            return _local_response(decision)
-        if isinstance(decision, Passthrough):
-            if self._passthrough is None:
-                self._passthrough = httpx.HTTPTransport(**self._passthrough_options())
-            return self._passthrough.handle_request(request)
-        assert endpoint is not None
-        exchange = _Exchange(
-            request, decision, endpoint, self._mesh.stats.get(endpoint.key), snapshot
-        )
-        entry = self._pools.acquire(exchange.key)
-        exchange.stats.begin()
+        if not isinstance(decision, Upstream):
+            if isinstance(decision, LocalReply):
+                return _local_response(decision)
+            return self._pass_through(request, view)
+        if decision.mirror is not None and self._mirror_admit(snapshot, request):
+            self._mirror(request, decision)
+        flow = self._flow(snapshot, view, decision, request)
         try:
-            response = entry.pool.handle_request(exchange.core_request)
-        except Exception as exc:
-            self._finish(exchange, entry)
-            error = _translate(exc, request, exchange.where())
-            if error is None:
-                raise
-            raise error from error.__cause__
-        stream = _Stream(response.stream, self, exchange, entry, request)
-        return exchange.response(response.status, response.headers, stream, response.extensions)
+            command = next(flow)
+            while True:
+                if isinstance(command, Send):
+                    command = flow.send(self._attempt(request, decision, command))
+                elif isinstance(command, Wait):
+                    time.sleep(command.seconds)
+                    command = flow.send(time.monotonic())
+                else:
+                    if isinstance(command.result, httpx.Response):
+                        command.result.close()
+                    command = flow.send(None)
+        except StopIteration as stop:
+            finish: Finish = stop.value
+        return self._deliver(request, view, decision, finish, snapshot)
 
-    def _finish(self, exchange: _Exchange, entry: _Pool) -> None:
-        exchange.stats.end()
-        if self._pools.release(entry):
-            entry.pool.close()
+    def _attempt(self, request: httpx.Request, upstream: Upstream, send: Send) -> Attempted:
+        endpoint = send.endpoint
+        exchange = _Exchange(request, upstream, endpoint, send.attempt, send.timeout)
+        hold = _Hold(
+            self._pools.acquire(exchange.key), self._mesh.stats.get(endpoint.key), send.limits
+        )
+        hold.stats.begin()
+        try:
+            response = hold.entry.pool.handle_request(exchange.core_request)
+        except Exception as exc:
+            self._release(hold)
+            return Attempted(
+                _outcome(exc, exchange.mesh_cut), _Failed(exc, exchange.where), time.monotonic()
+            )
+        stream = _Stream(response, self, hold, exchange, request)
+        if send.timeout is not None:
+            hold.timer = watchdog.arm(time.monotonic() + send.timeout, stream.cut)
+        reply = self._respond(
+            upstream, response.status, response.headers, stream, response.extensions
+        )
+        return Attempted(Outcome(status=response.status), reply, time.monotonic())
+
+    def _release(self, hold: _Hold) -> None:
+        if hold.timer is not None:
+            hold.timer.cancel()
+        hold.stats.end()
+        if hold.limits is not None:
+            hold.limits.release()
+        if self._pools.release(hold.entry):
+            hold.entry.pool.close()
+
+    def _pass_through(self, request: httpx.Request, view: _View) -> httpx.Response:
+        injection = self._passthrough_fault(view)
+        if injection is not None:
+            if injection.delay:
+                time.sleep(injection.delay)
+            if injection.abort_status is not None or injection.grpc_status is not None:
+                return _local_response(fault_abort(injection.abort_status, injection.grpc_status))
+        if self._passthrough is None:
+            self._passthrough = httpx.HTTPTransport(**self._passthrough_options())
+        return self._passthrough.handle_request(request)
+
+    def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
+        if self._mirror_pool is None:
+            with self._mirror_lock:
+                if self._mirror_pool is None:
+                    self._mirror_pool = ThreadPoolExecutor(8, thread_name_prefix="inmesh-mirror")
+        self._mirror_pool.submit(self._send_mirror, request, upstream)
+
+    def _send_mirror(self, request: httpx.Request, upstream: Upstream) -> None:
+        try:
+            cluster = upstream.mirror
+            assert cluster is not None
+            endpoint = cluster.balancer.pick(PickContext(rng=random.Random()))
+            if endpoint is None:
+                return
+            shadow = upstream._replace(cluster=cluster, response_ops=())
+            exchange = _Exchange(request, shadow, endpoint, 1, 5.0, shadow=True)
+            entry = self._pools.acquire(exchange.key)
+            try:
+                response = entry.pool.handle_request(exchange.core_request)
+                try:
+                    for _ in response.stream:
+                        pass
+                finally:
+                    response.close()
+            finally:
+                if self._pools.release(entry):
+                    entry.pool.close()
+        except Exception as exc:  # noqa: BLE001 - a mirror never affects the caller
+            log.debug("mirror of %s failed: %s", request.url, exc)
+        finally:
+            self._mirror_done()
 
     def close(self) -> None:
+        if self._mirror_pool is not None:
+            # Mirrors still running end on their own (their pools close under them).
+            self._mirror_pool.shutdown(wait=False, cancel_futures=True)
         for pool in self._pools.drain():
             pool.close()
         if self._passthrough is not None:
@@ -367,28 +604,45 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
 
 
 class _Stream(httpx.SyncByteStream):
-    __slots__ = ("_closed", "_entry", "_exchange", "_request", "_stream", "_transport")
+    """The response body: reading it counts against the attempt's deadline; closing it
+    releases what the attempt held."""
+
+    __slots__ = ("_closed", "_cut", "_exchange", "_hold", "_request", "_response", "_transport")
 
     def __init__(
         self,
-        stream: Any,
+        response: Any,
         transport: MeshTransport,
+        hold: _Hold,
         exchange: _Exchange,
-        entry: _Pool,
         request: httpx.Request,
     ) -> None:
-        self._stream = stream
+        self._response = response
         self._transport = transport
+        self._hold = hold
         self._exchange = exchange
-        self._entry = entry
         self._request = request
         self._closed = False
+        self._cut = False
+
+    def cut(self) -> None:
+        """The deadline passed: unblock any read by shutting the socket down."""
+        self._cut = True
+        stream = self._response.extensions.get("network_stream")
+        sock = None if stream is None else stream.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            yield from self._stream
+            yield from self._response.stream
         except Exception as exc:
-            error = _translate(exc, self._request, self._exchange.where())
+            if self._cut:
+                raise httpx.ReadTimeout(
+                    f"{TIMEOUT_BODY} ({self._exchange.where})", request=self._request
+                ) from exc
+            error = _translate(exc, self._request, self._exchange.where)
             if error is None:
                 raise
             raise error from error.__cause__
@@ -398,53 +652,126 @@ class _Stream(httpx.SyncByteStream):
             return
         self._closed = True
         try:
-            self._stream.close()
+            self._response.stream.close()
         finally:
-            self._transport._finish(self._exchange, self._entry)
+            self._transport._release(self._hold)
 
 
 class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
-    """An ``httpx.AsyncBaseTransport`` that routes and balances by the mesh configuration."""
+    """An ``httpx.AsyncBaseTransport`` that routes, balances and retries by the mesh configuration."""
 
     def __init__(self, mesh: Mesh, **options: Any) -> None:
         super().__init__(mesh, **options)
-        self._pools = _PoolSet(lambda: httpcore.AsyncConnectionPool(**self._pool_options()))
+        self._pools = _PoolSet(lambda s: httpcore.AsyncConnectionPool(**self._pool_options(s)))
         self._passthrough: httpx.AsyncHTTPTransport | None = None
+        self._mirror_tasks: set[asyncio.Task[None]] = set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        snapshot, decision, endpoint = self._decide(request)
+        snapshot, view, decision = self._start(request)
         if snapshot.version != self._pools.version:
             for pool in self._pools.retire(snapshot.endpoint_keys, snapshot.version):
                 await pool.aclose()
-        if isinstance(decision, LocalReply):
-            return _local_response(decision)
-        if isinstance(decision, Passthrough):
-            if self._passthrough is None:
-                self._passthrough = httpx.AsyncHTTPTransport(**self._passthrough_options())
-            return await self._passthrough.handle_async_request(request)
-        assert endpoint is not None
-        exchange = _Exchange(
-            request, decision, endpoint, self._mesh.stats.get(endpoint.key), snapshot
-        )
-        entry = self._pools.acquire(exchange.key)
-        exchange.stats.begin()
+        if not isinstance(decision, Upstream):
+            if isinstance(decision, LocalReply):
+                return _local_response(decision)
+            return await self._pass_through(request, view)
+        if decision.mirror is not None and self._mirror_admit(snapshot, request):
+            self._mirror(request, decision)
+        flow = self._flow(snapshot, view, decision, request)
         try:
-            response = await entry.pool.handle_async_request(exchange.core_request)
-        except Exception as exc:
-            await self._finish(exchange, entry)
-            error = _translate(exc, request, exchange.where())
-            if error is None:
-                raise
-            raise error from error.__cause__
-        stream = _AsyncStream(response.stream, self, exchange, entry, request)
-        return exchange.response(response.status, response.headers, stream, response.extensions)
+            command = next(flow)
+            while True:
+                if isinstance(command, Send):
+                    command = flow.send(await self._attempt(request, decision, command))
+                elif isinstance(command, Wait):
+                    await anyio.sleep(command.seconds)
+                    command = flow.send(time.monotonic())
+                else:
+                    if isinstance(command.result, httpx.Response):
+                        await command.result.aclose()
+                    command = flow.send(None)
+        except StopIteration as stop:
+            finish: Finish = stop.value
+        return self._deliver(request, view, decision, finish, snapshot)
 
-    async def _finish(self, exchange: _Exchange, entry: _Pool) -> None:
-        exchange.stats.end()
-        if self._pools.release(entry):
-            await entry.pool.aclose()
+    async def _attempt(self, request: httpx.Request, upstream: Upstream, send: Send) -> Attempted:
+        endpoint = send.endpoint
+        exchange = _Exchange(request, upstream, endpoint, send.attempt, send.timeout)
+        hold = _Hold(
+            self._pools.acquire(exchange.key), self._mesh.stats.get(endpoint.key), send.limits
+        )
+        hold.stats.begin()
+        deadline = None if send.timeout is None else time.monotonic() + send.timeout
+        try:
+            with anyio.fail_after(send.timeout):
+                response = await hold.entry.pool.handle_async_request(exchange.core_request)
+        except Exception as exc:
+            await self._release(hold)
+            return Attempted(
+                _outcome(exc, exchange.mesh_cut), _Failed(exc, exchange.where), time.monotonic()
+            )
+        stream = _AsyncStream(response, self, hold, exchange, request, deadline)
+        reply = self._respond(
+            upstream, response.status, response.headers, stream, response.extensions
+        )
+        return Attempted(Outcome(status=response.status), reply, time.monotonic())
+
+    async def _release(self, hold: _Hold) -> None:
+        hold.stats.end()
+        if hold.limits is not None:
+            hold.limits.release()
+        if self._pools.release(hold.entry):
+            await hold.entry.pool.aclose()
+
+    async def _pass_through(self, request: httpx.Request, view: _View) -> httpx.Response:
+        injection = self._passthrough_fault(view)
+        if injection is not None:
+            if injection.delay:
+                await anyio.sleep(injection.delay)
+            if injection.abort_status is not None or injection.grpc_status is not None:
+                return _local_response(fault_abort(injection.abort_status, injection.grpc_status))
+        if self._passthrough is None:
+            self._passthrough = httpx.AsyncHTTPTransport(**self._passthrough_options())
+        return await self._passthrough.handle_async_request(request)
+
+    def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(self._send_mirror(request, upstream))
+        except RuntimeError:  # not on asyncio (trio): mirroring is asyncio-only
+            self._mirror_done()
+            return
+        self._mirror_tasks.add(task)  # keep a reference until it ends
+        task.add_done_callback(self._mirror_tasks.discard)
+
+    async def _send_mirror(self, request: httpx.Request, upstream: Upstream) -> None:
+        try:
+            cluster = upstream.mirror
+            assert cluster is not None
+            endpoint = cluster.balancer.pick(PickContext(rng=random.Random()))
+            if endpoint is None:
+                return
+            shadow = upstream._replace(cluster=cluster, response_ops=())
+            exchange = _Exchange(request, shadow, endpoint, 1, 5.0, shadow=True)
+            entry = self._pools.acquire(exchange.key)
+            try:
+                with anyio.fail_after(5.0):
+                    response = await entry.pool.handle_async_request(exchange.core_request)
+                    try:
+                        async for _ in response.stream:
+                            pass
+                    finally:
+                        await response.aclose()
+            finally:
+                if self._pools.release(entry):
+                    await entry.pool.aclose()
+        except Exception as exc:  # noqa: BLE001 - a mirror never affects the caller
+            log.debug("mirror of %s failed: %s", request.url, exc)
+        finally:
+            self._mirror_done()
 
     async def aclose(self) -> None:
+        for task in list(self._mirror_tasks):
+            task.cancel()
         for pool in self._pools.drain():
             await pool.aclose()
         if self._passthrough is not None:
@@ -452,29 +779,55 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
 
 
 class _AsyncStream(httpx.AsyncByteStream):
-    __slots__ = ("_closed", "_entry", "_exchange", "_request", "_stream", "_transport")
+    """The async response body, cut off at the attempt's deadline."""
+
+    __slots__ = (
+        "_closed",
+        "_deadline",
+        "_exchange",
+        "_hold",
+        "_request",
+        "_response",
+        "_transport",
+    )
 
     def __init__(
         self,
-        stream: Any,
+        response: Any,
         transport: AsyncMeshTransport,
+        hold: _Hold,
         exchange: _Exchange,
-        entry: _Pool,
         request: httpx.Request,
+        deadline: float | None,
     ) -> None:
-        self._stream = stream
+        self._response = response
         self._transport = transport
+        self._hold = hold
         self._exchange = exchange
-        self._entry = entry
         self._request = request
+        self._deadline = deadline
         self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            async for part in self._stream:
+            if self._deadline is None:
+                async for part in self._response.stream:
+                    yield part
+                return
+            chunks = self._response.stream.__aiter__()
+            while True:
+                with anyio.fail_after(max(0.0, self._deadline - time.monotonic())):
+                    try:
+                        part = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        return
                 yield part
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(
+                f"{TIMEOUT_BODY} ({self._exchange.where})", request=self._request
+            ) from exc
         except Exception as exc:
-            error = _translate(exc, self._request, self._exchange.where())
+            error = _translate(exc, self._request, self._exchange.where)
             if error is None:
                 raise
             raise error from error.__cause__
@@ -484,6 +837,6 @@ class _AsyncStream(httpx.AsyncByteStream):
             return
         self._closed = True
         try:
-            await self._stream.aclose()
+            await self._response.stream.aclose()
         finally:
-            await self._transport._finish(self._exchange, self._entry)
+            await self._transport._release(self._hold)

@@ -1,0 +1,261 @@
+"""The attempt flow: one request's faults, deadline, retries and budgets, written once.
+
+``attempt_flow`` is a generator that decides and never acts. It yields what it wants
+done — ``Wait`` this long, ``Send`` an attempt to this endpoint, ``Discard`` a result
+that will not be delivered — and is sent back what happened (the time after a wait, an
+``Attempted`` after a send). When it returns, its ``Finish`` says what the caller gets:
+a local reply (fault abort, overflow, timeout, no healthy upstream) or the last real
+attempt's result. The sync and async drivers in ``transports/`` run it line for line
+alike; the gRPC adapter can run the same flow.
+
+Theory of operation, as Envoy's router does it:
+
+1. Faults first (the pytest overlay, then the route's ``fault``): a delay waits before
+   anything is sent; an abort answers at once and is never retried. A route that
+   carries a fault has its timeout and retries switched off, as Istio documents.
+2. The deadline is the tightest of the route ``timeout`` and the caller's
+   ``x-envoy-upstream-rq-timeout-ms``; each attempt gets ``perTryTimeout`` within it.
+   (The caller's own httpx timeouts are applied by the driver, per operation.)
+3. Each attempt picks an endpoint (avoiding ones this request already tried), passes
+   the endpoint's connection-pool limits (overflow: 503 ``x-envoy-overloaded``, never
+   sent, never retried), and reports its outcome to outlier detection.
+4. A failed attempt is retried when the policy's ``retryOn`` matches, attempts remain,
+   the request body can be replayed, the retry budgets (mesh-wide ratio budget,
+   DestinationRule ``retryBudget``, ``maxRetries``) have room, and the back-off fits
+   before the deadline. Otherwise the caller gets the last real response or error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Generator
+from typing import Any, NamedTuple
+
+from inmesh.balancing import PickContext
+from inmesh.config.model import HTTPRetry, MeshConfig
+from inmesh.endpoints import Endpoint, EndpointKey
+from inmesh.plan import LocalReply, Upstream
+from inmesh.resilience.faults import decide
+from inmesh.resilience.limits import EndpointLimits
+from inmesh.resilience.outlier import Result
+from inmesh.resilience.retry import Failure, Outcome, RetryState, retriable
+from inmesh.routing import RequestView
+from inmesh.testing.faults import OVERLAY
+
+__all__ = [
+    "Attempted",
+    "Discard",
+    "Finish",
+    "Send",
+    "Wait",
+    "attempt_flow",
+    "fault_abort",
+    "outlier_result",
+]
+
+FAULT_ABORT_BODY = "fault filter abort"
+TIMEOUT_BODY = "upstream request timeout"
+
+
+class Wait(NamedTuple):
+    """Sleep this long; send back the time afterwards."""
+
+    seconds: float
+
+
+class Send(NamedTuple):
+    """Send attempt ``attempt`` (1-based) to ``endpoint`` within ``timeout`` seconds (None:
+    no mesh limit). The driver releases ``limits`` when the response is closed."""
+
+    endpoint: Endpoint
+    attempt: int
+    timeout: float | None
+    limits: EndpointLimits | None
+
+
+class Discard(NamedTuple):
+    """Close the response held by ``result``: it will not be delivered (a retry follows)."""
+
+    result: Any
+
+
+class Attempted(NamedTuple):
+    """What one attempt came to: its outcome, the driver's result (a response or an
+    exception), and the time it ended."""
+
+    outcome: Outcome
+    result: Any
+    now: float
+
+
+class Finish(NamedTuple):
+    """What the caller gets: ``reply`` (a local answer) or ``result`` of the last attempt."""
+
+    reply: LocalReply | None
+    result: Any
+    attempts: int
+    endpoint: Endpoint | None
+    injected: bool = False
+
+
+Command = Wait | Send | Discard
+
+
+def outlier_result(outcome: Outcome) -> Result:
+    """How an attempt counts for outlier detection (Envoy, with local-origin errors folded
+    into the 5xx and gateway counters)."""
+    if outcome.failure is not None:
+        return Result.CONNECT_FAILURE
+    status = outcome.status
+    if status is None or status < 500:
+        return Result.SUCCESS
+    if status in (502, 503, 504):
+        return Result.GATEWAY_ERROR
+    return Result.SERVER_ERROR
+
+
+def fault_abort(status: int | None, grpc_status: str | None) -> LocalReply:
+    # A gRPC-only abort still needs an HTTP status for HTTP callers: 500, as Envoy maps it.
+    return LocalReply(status or 500, FAULT_ABORT_BODY, grpc_status=grpc_status)
+
+
+def _header_timeout(request: RequestView) -> float | None:
+    raw = request.header("x-envoy-upstream-rq-timeout-ms")
+    if raw is None:
+        return None
+    try:
+        millis = int(raw)
+    except ValueError:
+        return None
+    return millis / 1000 if millis > 0 else None
+
+
+def attempt_flow(
+    upstream: Upstream,
+    request: RequestView,
+    *,
+    rng: random.Random,
+    now: float,
+    replayable: bool,
+    mesh_config: MeshConfig,
+    pick: PickContext,
+) -> Generator[Command, Any, Finish]:
+    cluster = upstream.cluster
+    state = cluster.state
+    route = upstream.forward.route.spec if upstream.forward is not None else None
+
+    # 1. Faults.
+    fault = None if route is None else route.fault
+    injection: Any = None
+    if OVERLAY.active:
+        injection = OVERLAY.match(
+            host=request.host, method=request.method, path=request.path,
+            header=request.header, subset=cluster.key.subset,
+        )
+    header_faults = mesh_config.allow_header_faults
+    if injection is None and (fault is not None or header_faults):
+        injection = decide(fault, rng, request.header if header_faults else None)
+    if injection is not None:
+        if injection.delay:
+            now = yield Wait(injection.delay)
+        if injection.abort_status is not None or injection.grpc_status is not None:
+            reply = fault_abort(injection.abort_status, injection.grpc_status)
+            return Finish(reply, None, 0, None, injected=True)
+
+    # 2. Policy: a route with a fault has no timeout and no retries (Istio).
+    retry: HTTPRetry | None = None
+    deadline: float | None = None
+    if fault is None:
+        retry = route.retries if route is not None and route.retries is not None else (
+            mesh_config.default_http_retry_policy
+        )
+        if retry.attempts <= 0:
+            retry = None
+        limit = None if route is None else route.timeout
+        asked = _header_timeout(request)
+        if asked is not None and (limit is None or asked < limit):
+            limit = asked
+        if limit is not None:
+            deadline = now + limit
+    per_try = None if retry is None else retry.per_try_timeout
+
+    # 3. Budgets see every original request.
+    ratio, budget, retry_limit, outlier = state.ratio, state.budget, state.retry_limit, state.outlier
+    if ratio is not None:
+        ratio.deposit(now)
+    if budget is not None:
+        budget.request_started(now)
+    tried: list[EndpointKey] = []
+    retrying: RetryState | None = None
+    holds_budget = holds_limit = False
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            context = pick if not tried else PickContext(
+                rng=rng, hash_key=upstream.hash_key, exclude=tried
+            )
+            endpoint = cluster.balancer_at(now).pick(context)
+            if endpoint is None:
+                reply = LocalReply(503, f"no healthy upstream in {cluster.name}")
+                return Finish(reply, None, attempt - 1, None)
+            limits = state.limits(endpoint.key)
+            if limits is not None and not limits.try_admit():
+                reply = LocalReply(
+                    503, f"upstream overflow: {cluster.name} {endpoint}", overloaded=True
+                )
+                return Finish(reply, None, attempt - 1, endpoint)
+            timeout = per_try
+            if deadline is not None:
+                remaining = deadline - now
+                timeout = remaining if timeout is None else min(timeout, remaining)
+            done: Attempted = yield Send(endpoint, attempt, timeout, limits)
+            now = done.now
+            if holds_budget and budget is not None:
+                budget.end_retry()
+                holds_budget = False
+            if holds_limit and retry_limit is not None:
+                retry_limit.end()
+                holds_limit = False
+            tried.append(endpoint.key)
+            outcome = done.outcome
+            if outlier is not None:
+                outlier.record(endpoint.key, outlier_result(outcome), now, total=len(cluster.endpoints))
+            timed_out = outcome.failure is Failure.TIMEOUT
+            if deadline is not None and now >= deadline and (timed_out or outcome.status is None):
+                return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint)
+
+            backoff = None
+            if retry is not None and replayable and retriable(retry, outcome):
+                if retrying is None:  # made on the first failure: most calls never need one
+                    retrying = RetryState(retry, rng)
+                backoff = retrying.next_backoff(outcome, attempt=attempt)
+            if backoff is not None and deadline is not None and now + backoff >= deadline:
+                backoff = None
+            if backoff is not None and ratio is not None and not ratio.try_withdraw(now):
+                backoff = None
+            if backoff is not None and budget is not None:
+                holds_budget = budget.try_begin_retry(now)
+                if not holds_budget:
+                    backoff = None
+            if backoff is not None and retry_limit is not None:
+                holds_limit = retry_limit.try_begin()
+                if not holds_limit:
+                    backoff = None
+                    if holds_budget and budget is not None:
+                        budget.end_retry()
+                        holds_budget = False
+            if backoff is None:
+                if timed_out:
+                    return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint)
+                return Finish(None, done.result, attempt, endpoint)
+            yield Discard(done.result)
+            now = yield Wait(backoff)
+    finally:
+        if holds_budget and budget is not None:
+            budget.end_retry()
+        if holds_limit and retry_limit is not None:
+            retry_limit.end()
+        if budget is not None:
+            budget.request_finished(now)
+
