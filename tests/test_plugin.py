@@ -39,15 +39,6 @@ def _entry_point_installed() -> bool:
     return any(ep.value == "inmesh.testing.plugin" for ep in entry_points(group="pytest11"))
 
 
-def _autoloaded() -> bool:
-    """Whether a plain pytest run loads the plugin by itself (entry point, autoload on)."""
-    return _entry_point_installed() and not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD")
-
-
-# Until the entry point is installed, inner runs name the module; once it is, they must
-# not (the module would be registered twice, under two names).
-PLUGIN = () if _autoloaded() else ("-p", "inmesh.testing.plugin")
-
 INNER_CONFTEST = '''
 """Real upstreams for ratings, reviews and details, and a Mesh over a mesh_registry folder."""
 import pytest
@@ -100,17 +91,34 @@ def http(mesh):
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    """A pytester project with the inner conftest (upstreams, a mesh, an http client)."""
-    pytester.makeconftest(INNER_CONFTEST)
+def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A pytester project whose runs load this plugin and no other installed one.
+
+    Inner runs happen in this process (fast), so a warning another plugin raises while
+    configuring would meet this suite's warnings-as-errors; and naming the module with
+    ``-p`` while its entry point also loads it would register it twice. Autoload off
+    avoids both, before and after the entry point is installed.
+    """
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     return pytester
 
 
-def run(pytester: pytest.Pytester, *args: str, plugin: bool = True) -> pytest.RunResult:
-    """Run pytest on the project in a subprocess, with the plugin loaded (unless told not)."""
-    return pytester.runpytest_subprocess(
-        *(PLUGIN if plugin else ()), "-p", "no:cacheprovider", *args, timeout=120
-    )
+@pytest.fixture
+def project(inner: pytest.Pytester) -> pytest.Pytester:
+    """An inner project with the conftest above (upstreams, a mesh, an http client)."""
+    inner.makeconftest(INNER_CONFTEST)
+    return inner
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """Run pytest with the plugin on an ``inner`` project, in this process."""
+    return pytester.runpytest("-p", "inmesh.testing.plugin", "-p", "no:cacheprovider", *args)
+
+
+def run_installed(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """Run pytest as a user's project would, with whatever plugins are installed, in a
+    process of its own (away from this suite's warning filters)."""
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
 
 
 # --------------------------------------------------------------------------- the plugin
@@ -491,9 +499,9 @@ def test_mesh_registry_writes_a_folder_a_watching_mesh_reloads(project: pytest.P
     run(project).assert_outcomes(passed=1)
 
 
-def test_seed_option_is_documented_in_help(pytester: pytest.Pytester) -> None:
+def test_seed_option_is_documented_in_help(inner: pytest.Pytester) -> None:
     """``--inmesh-seed`` shows in ``pytest --help`` with its default."""
-    result = run(pytester, "--help")
+    result = run(inner, "--help")
     result.stdout.fnmatch_lines(["*--inmesh-seed=N*seed of the percent draws*"])
     assert re.search(r"default\s+0", result.stdout.str())
 
@@ -502,10 +510,11 @@ def test_no_inmesh_switches_the_plugin_off(pytester: pytest.Pytester) -> None:
     """With ``-p no:inmesh`` the fixtures and the option do not exist (before the entry
     point is installed this holds trivially; after, it is the switch users rely on)."""
     pytester.makepyfile("def test_x(mesh_faults):\n    pass\n")
-    result = run(pytester, "-p", "no:inmesh", plugin=False)
+    result = run_installed(pytester, "-p", "no:inmesh")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'mesh_faults' not found*"])
-    assert run(pytester, "-p", "no:inmesh", "--inmesh-seed=1", plugin=False).ret != 0
+    result = run_installed(pytester, "-p", "no:inmesh", "--inmesh-seed=1")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
 @pytest.mark.skipif(
@@ -518,10 +527,10 @@ def test_entry_point_loads_the_plugin_once(
     """Installed, the plugin loads by itself, and naming it again with ``-p inmesh`` (as a
     run with PYTEST_DISABLE_PLUGIN_AUTOLOAD needs) does not register it twice."""
     pytester.makepyfile("def test_x(mesh_faults):\n    assert mesh_faults.calls == []\n")
-    run(pytester, plugin=False).assert_outcomes(passed=1)
-    run(pytester, "-p", "inmesh", plugin=False).assert_outcomes(passed=1)
+    run_installed(pytester).assert_outcomes(passed=1)
+    run_installed(pytester, "-p", "inmesh").assert_outcomes(passed=1)
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
-    run(pytester, "-p", "inmesh", plugin=False).assert_outcomes(passed=1)
+    run_installed(pytester, "-p", "inmesh").assert_outcomes(passed=1)
 
 
 def test_importing_the_plugin_stays_cheap() -> None:

@@ -268,9 +268,7 @@ def test_ratio_budget_bounds_retries_over_any_run(
 
 def test_threads_hammering_the_ratio_budget_spend_it_exactly() -> None:
     """Concurrent withdrawals never overspend: exactly the reserve plus the ratio's share."""
-    budget = RatioBudget(
-        RatioRetryBudget(retry_ratio=0.25, min_retries_per_second=10.0, ttl=10.0)
-    )
+    budget = RatioBudget(RatioRetryBudget(retry_ratio=0.25, min_retries_per_second=10.0, ttl=10.0))
     for _ in range(400):
         budget.deposit(1.0)
     wins: list[int] = []

@@ -127,7 +127,8 @@ def test_in_flight_never_exceeds_the_cap(
     """Under any admit/release sequence, in flight stays within the cap and matches a model;
     an admit fails exactly when the cap is reached."""
     limits = EndpointLimits(pool(connections, pending, requests))
-    caps = [c for c in (requests, None if connections is None or pending is None else connections + pending) if c is not None]
+    queue = None if connections is None or pending is None else connections + pending
+    caps = [c for c in (requests, queue) if c is not None]
     cap = min(caps) if caps else None
     model = 0
     for admit in ops:

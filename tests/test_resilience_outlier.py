@@ -334,12 +334,13 @@ class Reference:
 
     def sweep_to(self, now: float) -> None:
         c = self.config
+        most = max(c.base_ejection_time, c.max_ejection_time)
         while self.next_sweep <= now:
             s = self.next_sweep
             for endpoint in list(self.multiplier):
                 m = self.multiplier[endpoint]
                 if endpoint in self.ejected_at:
-                    duration = min(c.base_ejection_time * m, max(c.base_ejection_time, c.max_ejection_time))
+                    duration = min(c.base_ejection_time * m, most)
                     if s - self.ejected_at[endpoint] >= duration:
                         del self.ejected_at[endpoint]
                         self.returned_at[endpoint] = s

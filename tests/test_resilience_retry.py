@@ -103,7 +103,8 @@ def test_gateway_error_and_5xx_cover_every_transport_failure() -> None:
 def test_per_try_timeout_is_retried_only_as_a_reset() -> None:
     """A per-try timeout resets the stream: 5xx, gateway-error and reset retry it; the
     narrower connect-failure and refused-stream do not."""
-    assert {t for t in EXPECTED if retriable(policy(t), TIMEOUT)} == {"5xx", "gateway-error", "reset"}
+    retried = {token for token in EXPECTED if retriable(policy(token), TIMEOUT)}
+    assert retried == {"5xx", "gateway-error", "reset"}
 
 
 def test_plain_codes_retry_without_the_retriable_status_codes_token() -> None:
@@ -273,7 +274,8 @@ def test_next_backoff_agrees_with_retriable_and_attempts(
     """A back-off comes exactly when the outcome is retriable and retries are left, and it
     lies within Envoy's jitter range for that retry."""
     rules = policy(*sorted(tokens), attempts=attempts)
-    backoff = RetryState(rules, random.Random(seed)).next_backoff(OUTCOMES[outcome], attempt=attempt)
+    state = RetryState(rules, random.Random(seed))
+    backoff = state.next_backoff(OUTCOMES[outcome], attempt=attempt)
     should = retriable(rules, OUTCOMES[outcome]) and attempt <= attempts
     assert (backoff is not None) == should
     if backoff is not None:

@@ -10,6 +10,7 @@ endpoints. ``inmesh demo`` starts a few local services and routes to them.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -92,7 +93,8 @@ def _explain(args: argparse.Namespace) -> int:
         print("\nfix these first: `inmesh check` lists them", file=sys.stderr)
         return 1
     request = StaticRequest.from_url(args.url, method=args.method, headers=headers)
-    print(explain(snapshot, request, source=args.workload or ""))
+    # The same hash source a Mesh uses for useSourceIp: the workload, else the host name.
+    print(explain(snapshot, request, source=args.workload or socket.gethostname()))
     return 0
 
 

@@ -306,8 +306,7 @@ def _split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     transport = {k: v for k, v in kwargs.items() if k in _TRANSPORT_OPTIONS}
     client = {k: v for k, v in kwargs.items() if k not in _TRANSPORT_OPTIONS}
     if "trust_env" in client:
+        # The Client keeps it too (netrc); httpx mounts no environment proxies when it is
+        # given a transport, so mesh traffic is never sent through HTTP_PROXY.
         transport["trust_env"] = client["trust_env"]
-    # The mesh sends to endpoints directly: proxy variables from the environment would make
-    # httpx mount proxy transports in front of ours and bypass the mesh.
-    client["trust_env"] = False
     return transport, client

@@ -192,7 +192,10 @@ def _compile_match(spec: HTTPMatch, index: int, caller_labels: Mapping[str, str]
         authority = _string_matcher(spec.authority)
         conditions.append(("authority", lambda r: authority(r.authority)))
     if spec.uri is not None:
-        uri = _string_matcher(spec.uri, ignore_case=spec.ignore_uri_case)
+        # Istio ignores case for exact and prefix uri matches only, not for regexes.
+        uri = _string_matcher(
+            spec.uri, ignore_case=spec.ignore_uri_case and spec.uri.kind != "regex"
+        )
         conditions.append(("uri", lambda r: uri(r.path)))
     for name, header in spec.headers.items():
         conditions.append((f"headers.{name}", _header_condition(name, header, invert=False)))
@@ -263,7 +266,9 @@ def compile_route(spec: HTTPRoute, caller_labels: Mapping[str, str]) -> Compiled
         running += destination.weight
         cumulative.append(running)
         destinations.append(
-            CompiledDestination(destination, *_ops(spec.headers, destination.headers))
+            # Envoy applies the most specific edits first, so the route's own win over a
+            # destination's (most_specific_header_mutations_wins is off by default).
+            CompiledDestination(destination, *_ops(destination.headers, spec.headers))
         )
     return CompiledRoute(
         spec=spec,

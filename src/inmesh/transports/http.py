@@ -229,6 +229,16 @@ def _outcome(exc: Exception, mesh_cut: bool) -> Outcome:
     return Outcome()
 
 
+def _hostname(authority: str | None) -> str | None:
+    """The host of an authority, without its port: what TLS verifies."""
+    if not authority:
+        return None
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")]
+    host, _, port = authority.rpartition(":")
+    return host if host and port.isdigit() else authority
+
+
 def _replayable(request: httpx.Request) -> bool:
     # Bytes given up front can be sent again; a generator or file stream cannot.
     return isinstance(request.stream, httpx.ByteStream)
@@ -289,7 +299,7 @@ class _Exchange:
             extensions["timeout"] = limits
             if scheme == "https":
                 # Verify the upstream's certificate against the logical host, not the address.
-                extensions["sni_hostname"] = upstream.authority or url.host
+                extensions["sni_hostname"] = _hostname(upstream.authority) or url.host
         target = url.raw_path if upstream.path is None else upstream.path.encode()
         self.core_request = httpcore.Request(
             method=request.method,
