@@ -3,18 +3,17 @@ and the fault overlay under it.
 
 The plugin is exercised the way a user meets it: pytester writes a test project whose
 tests start real loopback upstreams and call them through a real Mesh over a
-``mesh_registry`` folder, and runs pytest on it in a subprocess (the overlay is
-process-wide, so each inner run gets a process of its own). The overlay itself is tested
-directly, on private instances, never on the process-wide ``OVERLAY``.
+``mesh_registry`` folder, and runs pytest on it — in this process with only this plugin
+loaded, or, where the installed plugins matter (the entry point, ``-p no:inmesh``), in a
+subprocess. The overlay itself is tested directly on private instances; this suite's own
+tests never touch the process-wide ``OVERLAY`` (the inner tests reset it as users' do).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-import textwrap
 import threading
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -489,7 +488,8 @@ def test_mesh_registry_writes_a_folder_a_watching_mesh_reloads(project: pytest.P
                     assert wait_for(lambda: mesh.status.version == 2), mesh.status
                     assert http.get("http://ratings:9080/").json()["name"] == "b"
 
-                    mesh_registry({"mesh.yaml": None, "more/ratings.yml": service_yaml("ratings", [a])})
+                    moved = {"mesh.yaml": None, "more/ratings.yml": service_yaml("ratings", [a])}
+                    mesh_registry(moved)
                     assert wait_for(lambda: mesh.status.version == 3), mesh.status
                     assert mesh.status.ok
                     assert http.get("http://ratings:9080/").json()["name"] == "a"
@@ -813,13 +813,19 @@ def test_mesh_faults_undoes_everything_when_the_block_fails() -> None:
     leaves the overlay reset even when the block raises."""
     overlay = FaultOverlay()
     overlay.add(FaultRule("stale", http_status=500))
-    with pytest.raises(RuntimeError), MeshFaults(overlay, seed=3) as faults:
-        assert faults.rules == () and overlay.recording
-        fault = faults.abort("ratings", http_status=503, percent=50)
-        assert fault.number == 0
-        raise RuntimeError
+    installed = []
+
+    def failing_block() -> None:
+        with MeshFaults(overlay, seed=3) as faults:
+            assert faults.rules == () and overlay.recording
+            installed.append(faults.abort("ratings", http_status=503, percent=50))
+            assert installed[0].number == 0
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        failing_block()
     assert not overlay.active and overlay.faults == ()
-    assert not fault.installed
+    assert not installed[0].installed
 
 
 def test_the_process_overlay_is_idle_outside_fault_tests() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inmesh.config.model import RatioRetryBudget, RetryBudget
@@ -230,6 +230,7 @@ def test_a_clock_read_that_lost_a_race_counts_now() -> None:
     assert budget.balance(15.0) == 0
 
 
+@settings(deadline=None)
 @given(
     events=st.lists(
         st.tuples(st.booleans(), st.integers(0, 3000)),  # (is a retry, ms since previous)

@@ -232,8 +232,6 @@ def attempt_flow(
                 backoff = retrying.next_backoff(outcome, attempt=attempt)
             if backoff is not None and deadline is not None and now + backoff >= deadline:
                 backoff = None
-            if backoff is not None and ratio is not None and not ratio.try_withdraw(now):
-                backoff = None
             if backoff is not None and budget is not None:
                 holds_budget = budget.try_begin_retry(now)
                 if not holds_budget:
@@ -245,6 +243,15 @@ def attempt_flow(
                     if holds_budget and budget is not None:
                         budget.end_retry()
                         holds_budget = False
+            # The ratio budget last: a withdrawal cannot be given back if another says no.
+            if backoff is not None and ratio is not None and not ratio.try_withdraw(now):
+                backoff = None
+                if holds_budget and budget is not None:
+                    budget.end_retry()
+                    holds_budget = False
+                if holds_limit and retry_limit is not None:
+                    retry_limit.end()
+                    holds_limit = False
             if backoff is None:
                 if timed_out:
                     return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint)

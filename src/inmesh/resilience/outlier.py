@@ -22,9 +22,11 @@ counter starts over, and the endpoint is ejected unless
 - it is ejected already (it is not re-ejected, and its clock does not restart), or
 - the cap forbids it: with ``n`` endpoints ejected out of ``total``, one more may go only if
   ``(n + 1) / total ≤ max_ejection_percent``, except that when none is ejected one always
-  may (Envoy's outlier overview: ejection is checked against the cap only once hosts are
-  already ejected; current Envoy calls this ``always_eject_one_host``). A
-  ``max_ejection_percent`` of 0 ejects nothing.
+  may. That is current Envoy's ``ejectHost`` with ``always_eject_one_host`` on (Envoy
+  1.31); before that, Envoy tested ``n / total < max_ejection_percent``, which also let
+  the first ejection through but could overshoot the cap by one. Without the exception a
+  cluster of fewer than ten endpoints could never eject anything at Istio's default 10%.
+  A ``max_ejection_percent`` of 0 ejects nothing.
 
 An ejection lasts ``base_ejection_time × m``, capped at ``max(base, max_ejection_time)``,
 where ``m`` is the endpoint's ejection multiplier: raised by one at each ejection (while
@@ -220,7 +222,10 @@ class OutlierDetector:
             if not (hit_5xx or hit_gateway):
                 return changed
             # A run that reached its threshold is one detection: it starts over whether or
-            # not the endpoint can be ejected (Envoy resets the counter after ejectHost).
+            # not the endpoint can be ejected (Envoy resets the counter after ejectHost even
+            # when the cap blocked it). For an endpoint already ejected Envoy returns before
+            # that reset, leaving the counter past a threshold it tests with ==, so the
+            # endpoint cannot be detected again until a success; here it starts over too.
             if hit_5xx:
                 host.five_xx = 0
             if hit_gateway:

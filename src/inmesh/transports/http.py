@@ -244,6 +244,9 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
+_COUNTS = tuple(str(n).encode() for n in range(10))
+
+
 def _shadow(authority: bytes) -> bytes:
     """Envoy marks mirrored requests by suffixing the host with ``-shadow``."""
     host, sep, port = authority.rpartition(b":")
@@ -255,7 +258,7 @@ def _shadow(authority: bytes) -> bytes:
 class _Exchange:
     """One attempt's httpcore request, built from the caller's ``httpx.Request``."""
 
-    __slots__ = ("core_request", "key", "mesh_cut", "where")
+    __slots__ = ("_endpoint", "_host", "cluster", "core_request", "key", "mesh_cut")
 
     def __init__(
         self,
@@ -279,7 +282,9 @@ class _Exchange:
             headers.insert(0, (b"Host", _shadow(authority) if shadow else authority))
         for ops in upstream.request_ops:
             headers = apply_header_ops(headers, ops)
-        headers.append((b"x-envoy-attempt-count", str(attempt).encode()))
+        headers.append(
+            (b"x-envoy-attempt-count", _COUNTS[attempt] if attempt < 10 else b"%d" % attempt)
+        )
         extensions: dict[str, Any] = request.extensions
         connect = None if pool is None else pool.tcp.connect_timeout
         self.mesh_cut = False
@@ -313,7 +318,14 @@ class _Exchange:
             content=request.stream,
             extensions=extensions,
         )
-        self.where = f"{url.host} via {cluster.name} at {endpoint}"
+        self._host = url.host
+        self.cluster = cluster.name
+        self._endpoint = endpoint
+
+    @property
+    def where(self) -> str:
+        """Where this attempt went, for error messages (built only when one is raised)."""
+        return f"{self._host} via {self.cluster} at {self._endpoint}"
 
 
 class _TransportBase:
@@ -549,7 +561,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         reply = self._respond(
             upstream, response.status, response.headers, stream, response.extensions
         )
-        return Attempted(Outcome(status=response.status), reply, time.monotonic())
+        return Attempted(Outcome(response.status), reply, time.monotonic())
 
     def _release(self, hold: _Hold) -> None:
         if hold.timer is not None:
@@ -662,7 +674,9 @@ class _Stream(httpx.SyncByteStream):
             return
         self._closed = True
         try:
-            self._response.stream.close()
+            close = getattr(self._response.stream, "close", None)
+            if close is not None:
+                close()
         finally:
             self._transport._release(self._hold)
 
@@ -713,8 +727,11 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         hold.stats.begin()
         deadline = None if send.timeout is None else time.monotonic() + send.timeout
         try:
-            with anyio.fail_after(send.timeout):
+            if send.timeout is None:  # a cancel scope costs tens of µs: only when needed
                 response = await hold.entry.pool.handle_async_request(exchange.core_request)
+            else:
+                with anyio.fail_after(send.timeout):
+                    response = await hold.entry.pool.handle_async_request(exchange.core_request)
         except Exception as exc:
             await self._release(hold)
             return Attempted(
@@ -724,7 +741,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         reply = self._respond(
             upstream, response.status, response.headers, stream, response.extensions
         )
-        return Attempted(Outcome(status=response.status), reply, time.monotonic())
+        return Attempted(Outcome(response.status), reply, time.monotonic())
 
     async def _release(self, hold: _Hold) -> None:
         hold.stats.end()
@@ -847,6 +864,8 @@ class _AsyncStream(httpx.AsyncByteStream):
             return
         self._closed = True
         try:
-            await self._response.stream.aclose()
+            aclose = getattr(self._response.stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
         finally:
             await self._transport._release(self._hold)
