@@ -149,12 +149,16 @@ def attempt_flow(
     injection: Any = None
     if OVERLAY.active:
         injection = OVERLAY.match(
-            host=request.host, method=request.method, path=request.path,
-            header=request.header, subset=cluster.key.subset,
+            host=request.host,
+            method=request.method,
+            path=request.path,
+            header=request.header,
+            subset=cluster.key.subset,
         )
     header_faults = mesh_config.allow_header_faults
     if injection is None and (fault is not None or header_faults):
         injection = decide(fault, rng, request.header if header_faults else None)
+    injected = injection is not None
     if injection is not None:
         if injection.delay:
             now = yield Wait(injection.delay)
@@ -166,8 +170,10 @@ def attempt_flow(
     retry: HTTPRetry | None = None
     deadline: float | None = None
     if fault is None:
-        retry = route.retries if route is not None and route.retries is not None else (
-            mesh_config.default_http_retry_policy
+        retry = (
+            route.retries
+            if route is not None and route.retries is not None
+            else (mesh_config.default_http_retry_policy)
         )
         if retry.attempts <= 0:
             retry = None
@@ -180,7 +186,12 @@ def attempt_flow(
     per_try = None if retry is None else retry.per_try_timeout
 
     # 3. Budgets see every original request.
-    ratio, budget, retry_limit, outlier = state.ratio, state.budget, state.retry_limit, state.outlier
+    ratio, budget, retry_limit, outlier = (
+        state.ratio,
+        state.budget,
+        state.retry_limit,
+        state.outlier,
+    )
     if ratio is not None:
         ratio.deposit(now)
     if budget is not None:
@@ -192,19 +203,21 @@ def attempt_flow(
     try:
         while True:
             attempt += 1
-            context = pick if not tried else PickContext(
-                rng=rng, hash_key=upstream.hash_key, exclude=tried
+            context = (
+                pick
+                if not tried
+                else PickContext(rng=rng, hash_key=upstream.hash_key, exclude=tried)
             )
             endpoint = cluster.balancer_at(now).pick(context)
             if endpoint is None:
                 reply = LocalReply(503, f"no healthy upstream in {cluster.name}")
-                return Finish(reply, None, attempt - 1, None)
+                return Finish(reply, None, attempt - 1, None, injected)
             limits = state.limits(endpoint.key)
             if limits is not None and not limits.try_admit():
                 reply = LocalReply(
                     503, f"upstream overflow: {cluster.name} {endpoint}", overloaded=True
                 )
-                return Finish(reply, None, attempt - 1, endpoint)
+                return Finish(reply, None, attempt - 1, endpoint, injected)
             timeout = per_try
             if deadline is not None:
                 remaining = deadline - now
@@ -220,10 +233,12 @@ def attempt_flow(
             tried.append(endpoint.key)
             outcome = done.outcome
             if outlier is not None:
-                outlier.record(endpoint.key, outlier_result(outcome), now, total=len(cluster.endpoints))
+                outlier.record(
+                    endpoint.key, outlier_result(outcome), now, total=len(cluster.endpoints)
+                )
             timed_out = outcome.failure is Failure.TIMEOUT
             if deadline is not None and now >= deadline and (timed_out or outcome.status is None):
-                return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint)
+                return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint, injected)
 
             backoff = None
             if retry is not None and replayable and retriable(retry, outcome):
@@ -254,8 +269,8 @@ def attempt_flow(
                     holds_limit = False
             if backoff is None:
                 if timed_out:
-                    return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint)
-                return Finish(None, done.result, attempt, endpoint)
+                    return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint, injected)
+                return Finish(None, done.result, attempt, endpoint, injected)
             yield Discard(done.result)
             now = yield Wait(backoff)
     finally:
@@ -265,4 +280,3 @@ def attempt_flow(
             retry_limit.end()
         if budget is not None:
             budget.request_finished(now)
-

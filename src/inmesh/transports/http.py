@@ -239,6 +239,33 @@ def _hostname(authority: str | None) -> str | None:
     return host if host and port.isdigit() else authority
 
 
+def _record(
+    view: _View,
+    subset: str | None,
+    endpoint: Endpoint | None,
+    status: int | None,
+    attempts: int,
+    *,
+    injected: bool,
+    error: str | None,
+) -> None:
+    """Tell the pytest plugin's overlay about a finished call (only while it records)."""
+    OVERLAY.record(
+        CallRecord(
+            host=view.host,
+            method=view.method,
+            path=view.path,
+            subset=subset,
+            endpoint=None if endpoint is None else str(endpoint),
+            status=status,
+            grpc_status=None,
+            attempts=attempts,
+            injected=injected,
+            error=error,
+        )
+    )
+
+
 def _replayable(request: httpx.Request) -> bool:
     # Bytes given up front can be sent again; a generator or file stream cannot.
     return isinstance(request.stream, httpx.ByteStream)
@@ -427,6 +454,23 @@ class _TransportBase:
             host=view.host, method=view.method, path=view.path, header=view.header, subset=None
         )
 
+    def _passed(self, view: _View, injection: Any, outcome: Any) -> Any:
+        """A passthrough call's end: the fault abort's reply, or the outcome, recorded."""
+        if outcome is None:
+            outcome = _local_response(fault_abort(injection.abort_status, injection.grpc_status))
+        if OVERLAY.recording:
+            failed = isinstance(outcome, Exception)
+            _record(
+                view,
+                None,
+                None,
+                None if failed else outcome.status_code,
+                0 if failed else 1,
+                injected=injection is not None,
+                error=type(outcome).__name__ if failed else None,
+            )
+        return outcome
+
     def _mirror_admit(self, snapshot: Snapshot, request: httpx.Request) -> bool:
         """Room for one more mirrored request? Overflow is dropped and counted."""
         state = self._mesh.state
@@ -460,19 +504,15 @@ class _TransportBase:
                 status = finish.reply.status
             elif isinstance(result, httpx.Response):
                 status = result.status_code
-            OVERLAY.record(
-                CallRecord(
-                    host=view.host,
-                    method=view.method,
-                    path=view.path,
-                    subset=upstream.cluster.key.subset,
-                    endpoint=None if finish.endpoint is None else str(finish.endpoint),
-                    status=status,
-                    grpc_status=None,
-                    attempts=finish.attempts,
-                    injected=finish.injected,
-                    error=type(result.error).__name__ if isinstance(result, _Failed) else None,
-                )
+            error = type(result.error).__name__ if isinstance(result, _Failed) else None
+            _record(
+                view,
+                upstream.cluster.key.subset,
+                finish.endpoint,
+                status,
+                finish.attempts,
+                injected=finish.injected,
+                error=error,
             )
         if finish.reply is not None:
             return _local_response(finish.reply)
@@ -578,10 +618,15 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             if injection.delay:
                 time.sleep(injection.delay)
             if injection.abort_status is not None or injection.grpc_status is not None:
-                return _local_response(fault_abort(injection.abort_status, injection.grpc_status))
+                return self._passed(view, injection, None)
         if self._passthrough is None:
             self._passthrough = httpx.HTTPTransport(**self._passthrough_options())
-        return self._passthrough.handle_request(request)
+        try:
+            response = self._passthrough.handle_request(request)
+        except Exception as exc:
+            self._passed(view, injection, exc)
+            raise
+        return self._passed(view, injection, response)
 
     def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
         if self._mirror_pool is None:
@@ -756,10 +801,15 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             if injection.delay:
                 await anyio.sleep(injection.delay)
             if injection.abort_status is not None or injection.grpc_status is not None:
-                return _local_response(fault_abort(injection.abort_status, injection.grpc_status))
+                return self._passed(view, injection, None)
         if self._passthrough is None:
             self._passthrough = httpx.AsyncHTTPTransport(**self._passthrough_options())
-        return await self._passthrough.handle_async_request(request)
+        try:
+            response = await self._passthrough.handle_async_request(request)
+        except Exception as exc:
+            self._passed(view, injection, exc)
+            raise
+        return self._passed(view, injection, response)
 
     def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
         try:
