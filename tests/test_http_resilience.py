@@ -62,6 +62,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return predicate()
 
 
+def get_once(mesh: Mesh, mode: str, **client_options: object) -> httpx.Response:
+    """One GET through a fresh sync or async mesh client."""
+    if mode == "sync":
+        with mesh.client(**client_options) as client:
+            return client.get(URL)
+
+    async def run() -> httpx.Response:
+        async with mesh.async_client(**client_options) as client:
+            return await client.get(URL)
+
+    return asyncio.run(run())
+
+
 def attempt_counts(upstream: Upstream) -> list[str]:
     return [r.headers.get("x-envoy-attempt-count", "") for r in upstream.received]
 
@@ -97,16 +110,7 @@ def test_timeout_header_and_caller_timeout_tighter_wins(
     assert response.status_code == 504
 
     with pytest.raises(httpx.ReadTimeout):
-        if mode == "sync":
-            with mesh.client(timeout=0.2) as client:
-                client.get(URL)
-        else:
-
-            async def run() -> None:
-                async with mesh.async_client(timeout=0.2) as client:
-                    await client.get(URL)
-
-            asyncio.run(run())
+        get_once(mesh, mode, timeout=0.2)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -120,16 +124,7 @@ def test_trickled_body_is_cut_at_the_deadline(
     mesh = make_mesh(service_yaml("reviews", [trickle]), vs("    timeout: 0.5s"))
     started = time.monotonic()
     with pytest.raises(httpx.ReadTimeout, match="upstream request timeout"):
-        if mode == "sync":
-            with mesh.client() as client:
-                client.get(URL)
-        else:
-
-            async def run() -> None:
-                async with mesh.async_client() as client:
-                    await client.get(URL)
-
-            asyncio.run(run())
+        get_once(mesh, mode)
     assert time.monotonic() - started < 5
     assert mesh.stats.get((trickle.address, trickle.port)).active == 0
 
@@ -204,7 +199,9 @@ def test_default_policy_retries_connect_failures(
     """With one endpoint refusing connections, the default policy retries onto the other."""
     dead, alive = upstreams("dead", "alive")
     dead.stop()
-    mesh = make_mesh(service_yaml("reviews", [dead, alive]), dr("    loadBalancer: {simple: ROUND_ROBIN}"))
+    mesh = make_mesh(
+        service_yaml("reviews", [dead, alive]), dr("    loadBalancer: {simple: ROUND_ROBIN}")
+    )
     responses = send_all(mesh, mode, [("GET", URL, {})] * 6)
     assert [r.status_code for r in responses] == [200] * 6
 
@@ -214,8 +211,10 @@ def test_default_policy_retries_connect_failures(
     [("", 1), ("    retries: {attempts: 2, retryOn: reset}", 3), ("    retries: {attempts: 0}", 1)],
 )
 def test_reset_retried_only_when_asked(
-    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh],
-    retries: str, expected_tries: int,
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
+    retries: str,
+    expected_tries: int,
 ) -> None:
     """A connection reset is retried under retryOn reset; the default and attempts 0 do not."""
     (up,) = upstreams("resetting")
@@ -242,13 +241,18 @@ def test_reset_retried_only_when_asked(
     ],
 )
 def test_retry_on_conditions(
-    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh],
-    retry_on: str, status: int, retried: bool,
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
+    retry_on: str,
+    status: int,
+    retried: bool,
 ) -> None:
     """Each retryOn condition retries exactly the responses it names."""
     (up,) = upstreams("u")
     up.fail_next(1, status)
-    mesh = make_mesh(service_yaml("reviews", [up]), vs(f"    retries: {{attempts: 1, retryOn: {retry_on}}}"))
+    mesh = make_mesh(
+        service_yaml("reviews", [up]), vs(f"    retries: {{attempts: 1, retryOn: {retry_on}}}")
+    )
     response = send(mesh, "sync", URL)
     assert response.status_code == (200 if retried else status)
     assert len(up.received) == (2 if retried else 1)
@@ -338,8 +342,10 @@ def test_istio_circuit_breaking_task(
     slow.behave(delay=0.05)
     mesh = make_mesh(
         service_yaml("reviews", [slow]),
-        dr("    connectionPool:\n      tcp: {maxConnections: 1}\n"
-           "      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}"),
+        dr(
+            "    connectionPool:\n      tcp: {maxConnections: 1}\n"
+            "      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}"
+        ),
     )
     alone = _concurrent_statuses(mesh, 1, 8)
     assert [r.status_code for r in alone] == [200] * 8
@@ -364,8 +370,10 @@ def test_max_requests_limit_overflows(
     """http2MaxRequests caps concurrent requests to an endpoint whatever the protocol."""
     (slow,) = upstreams("slow")
     slow.behave(delay=0.1)
-    mesh = make_mesh(service_yaml("reviews", [slow]),
-                     dr("    connectionPool:\n      http: {http2MaxRequests: 1}"))
+    mesh = make_mesh(
+        service_yaml("reviews", [slow]),
+        dr("    connectionPool:\n      http: {http2MaxRequests: 1}"),
+    )
     responses = _concurrent_statuses(mesh, 4, 3)
     assert any(r.status_code == 503 for r in responses)
     assert any(r.status_code == 200 for r in responses)
@@ -383,9 +391,11 @@ def test_outlier_detection_ejects_failing_endpoint(
     bad.behave(status=500)
     mesh = make_mesh(
         service_yaml("reviews", [good1, bad, good2]),
-        dr("    loadBalancer: {simple: ROUND_ROBIN}\n"
-           "    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 60s,"
-           " maxEjectionPercent: 100}"),
+        dr(
+            "    loadBalancer: {simple: ROUND_ROBIN}\n"
+            "    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 60s,"
+            " maxEjectionPercent: 100}"
+        ),
     )
     responses = send_all(mesh, mode, [("GET", URL, {})] * 60)
     assert len(bad.received) == 3
@@ -400,9 +410,11 @@ def test_ejected_endpoint_returns_after_its_ejection_time(
     bad.fail_next(2, 503)
     mesh = make_mesh(
         service_yaml("reviews", [good, bad]),
-        dr("    loadBalancer: {simple: ROUND_ROBIN}\n"
-           "    outlierDetection: {consecutive5xxErrors: 2, interval: 0.1s, baseEjectionTime: 0.3s,"
-           " maxEjectionPercent: 100}"),
+        dr(
+            "    loadBalancer: {simple: ROUND_ROBIN}\n"
+            "    outlierDetection: {consecutive5xxErrors: 2, interval: 0.1s, baseEjectionTime: 0.3s,"
+            " maxEjectionPercent: 100}"
+        ),
     )
     with mesh.client() as client:
         for _ in range(6):
@@ -426,8 +438,10 @@ def test_max_ejection_percent_keeps_endpoints_in_play(
     bad2.behave(status=500)
     mesh = make_mesh(
         service_yaml("reviews", [bad1, bad2, good]),
-        dr("    loadBalancer: {simple: ROUND_ROBIN}\n"
-           "    outlierDetection: {consecutive5xxErrors: 2, interval: 10s, baseEjectionTime: 60s}"),
+        dr(
+            "    loadBalancer: {simple: ROUND_ROBIN}\n"
+            "    outlierDetection: {consecutive5xxErrors: 2, interval: 10s, baseEjectionTime: 60s}"
+        ),
     )
     send_all(mesh, "sync", [("GET", URL, {})] * 60)
     assert min(len(bad1.received), len(bad2.received)) == 2  # one was ejected
@@ -445,13 +459,20 @@ def test_locality_failover_once_outlier_detection_ejects(
     services = services.replace("labels: {name: far}", "labels: {name: far}, locality: eu/central")
     mesh = make_mesh(
         services,
-        dr("    outlierDetection: {consecutive5xxErrors: 2, interval: 10s, baseEjectionTime: 60s,"
-           " maxEjectionPercent: 100}"),
+        dr(
+            "    outlierDetection: {consecutive5xxErrors: 2, interval: 10s, baseEjectionTime: 60s,"
+            " maxEjectionPercent: 100}"
+        ),
         locality="us/west/a",
     )
-    assert Counter(r.headers["x-upstream"] for r in send_all(mesh, "sync", [("GET", URL, {})] * 10)) == {"near": 10}
+    assert Counter(
+        r.headers["x-upstream"] for r in send_all(mesh, "sync", [("GET", URL, {})] * 10)
+    ) == {"near": 10}
     near.behave(status=503)
-    statuses = [(r.status_code, r.headers["x-upstream"]) for r in send_all(mesh, "sync", [("GET", URL, {})] * 10)]
+    statuses = [
+        (r.status_code, r.headers["x-upstream"])
+        for r in send_all(mesh, "sync", [("GET", URL, {})] * 10)
+    ]
     assert statuses[:2] == [(503, "near"), (503, "near")]
     assert statuses[2:] == [(200, "far")] * 8
 
@@ -467,8 +488,10 @@ def test_abort_fault_answers_without_upstream_call_and_is_not_retried(
     (up,) = upstreams("u")
     mesh = make_mesh(
         service_yaml("reviews", [up]),
-        vs("    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}\n"
-           "    retries: {attempts: 3, retryOn: 5xx}"),
+        vs(
+            "    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}\n"
+            "    retries: {attempts: 3, retryOn: 5xx}"
+        ),
     )
     response = send(mesh, mode, URL)
     assert response.status_code == 503
@@ -485,8 +508,10 @@ def test_delay_fault_waits_before_the_call_and_switches_off_retries_and_timeout(
     up.fail_next(1, 503)
     mesh = make_mesh(
         service_yaml("reviews", [up]),
-        vs("    fault: {delay: {fixedDelay: 0.3s, percentage: {value: 100}}}\n"
-           "    timeout: 0.1s\n    retries: {attempts: 3, retryOn: 5xx}"),
+        vs(
+            "    fault: {delay: {fixedDelay: 0.3s, percentage: {value: 100}}}\n"
+            "    timeout: 0.1s\n    retries: {attempts: 3, retryOn: 5xx}"
+        ),
     )
     started = time.monotonic()
     response = send(mesh, mode, URL)
@@ -500,8 +525,10 @@ def test_fault_percentages(
 ) -> None:
     """A 25% abort hits about a quarter of 400 seeded requests; no percentage never fires."""
     (up,) = upstreams("u")
-    mesh = make_mesh(service_yaml("reviews", [up]),
-                     vs("    fault: {abort: {httpStatus: 500, percentage: {value: 25}}}"))
+    mesh = make_mesh(
+        service_yaml("reviews", [up]),
+        vs("    fault: {abort: {httpStatus: 500, percentage: {value: 25}}}"),
+    )
     statuses = Counter(r.status_code for r in send_all(mesh, "sync", [("GET", URL, {})] * 400))
     assert abs(statuses[500] - 100) <= 30
     never = make_mesh(service_yaml("reviews", [up]), vs("    fault: {abort: {httpStatus: 500}}"))

@@ -202,7 +202,10 @@ def test_each_endpoint_has_its_own_pool_and_departed_pools_close(
             for _ in range(10):
                 client.get("http://reviews:9080/")
             pools = dict(transport._pools._pools)
-            assert set(pools) == {("http", a.address, a.port, None), ("http", b.address, b.port, None)}
+            assert set(pools) == {
+                ("http", a.address, a.port, None),
+                ("http", b.address, b.port, None),
+            }
             departed = pools[("http", b.address, b.port, None)].pool
             assert departed.connections  # a kept-alive connection
 
@@ -306,8 +309,9 @@ def test_closing_one_mesh_leaves_a_shared_registry_serving_others(
     """A registry passed in is not closed by Mesh.close(): other Meshes on it keep updating."""
     v1, v2 = upstreams("v1", "v2")
     services = service_yaml("reviews", [v1, v2], labels=[{"version": "v1"}, {"version": "v2"}])
-    registry = MemoryRegistry({"s.yaml": services + "---\n" + DR,
-                               "r.yaml": VS.format(subset="v1", weight=100)})
+    registry = MemoryRegistry(
+        {"s.yaml": services + "---\n" + DR, "r.yaml": VS.format(subset="v1", weight=100)}
+    )
     first, second = Mesh(registry), Mesh(registry)
     first.close()
     registry.put("r.yaml", VS.format(subset="v2", weight=100))

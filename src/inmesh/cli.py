@@ -29,11 +29,11 @@ def _load(
     path: str, *, workload: str | None, labels: dict[str, str] | None, locality: str | None
 ) -> tuple[list[Resource], Snapshot]:
     """Read, validate and compile a registry as a Mesh would, for the given caller."""
-    from inmesh.state import MeshState
     from inmesh.config.parse import parse_documents
     from inmesh.endpoints import Locality
     from inmesh.registry import open_registry
     from inmesh.snapshot import Caller, compile_snapshot
+    from inmesh.state import MeshState
 
     if labels is None:
         labels = {"app": workload} if workload else {}

@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     import httpx
 
     from inmesh.balancing import StatsTable
-    from inmesh.state import MeshState
     from inmesh.registry import Registry
     from inmesh.snapshot import Caller, Snapshot
+    from inmesh.state import MeshState
     from inmesh.transports.http import AsyncMeshTransport, MeshTransport
 
 __all__ = ["Mesh", "MeshStatus"]

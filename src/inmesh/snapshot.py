@@ -20,11 +20,11 @@ from typing import Generic, TypeVar
 from inmesh.balancing import Balancer, build_balancer
 from inmesh.config.model import (
     ConsistentHash,
+    Destination,
     DestinationRule,
     MeshConfig,
     Port,
     Resource,
-    Destination,
     ServiceEntry,
     TrafficPolicy,
     VirtualService,
@@ -33,8 +33,8 @@ from inmesh.config.model import (
 )
 from inmesh.endpoints import Endpoint, EndpointKey, Locality
 from inmesh.exceptions import ConfigError, Problem
-from inmesh.state import ClusterState, MeshState
 from inmesh.routing import NoRoute, RouteTable, compile_route
+from inmesh.state import ClusterState, MeshState
 
 __all__ = ["Caller", "Cluster", "ClusterKey", "Service", "Snapshot", "compile_snapshot"]
 
@@ -446,7 +446,7 @@ def compile_snapshot(
                     rule=rule,
                     caller=caller,
                     state=state,
-                mesh_config=mesh_config,
+                    mesh_config=mesh_config,
                 )
 
     return Snapshot(

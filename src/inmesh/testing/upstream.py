@@ -61,9 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(float(params["delay"]))
         if params.get("reset"):
             # SO_LINGER 0: close() sends RST, as a crashed or overloaded upstream does.
-            self.connection.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             self.connection.close()
             return

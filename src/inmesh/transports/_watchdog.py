@@ -8,6 +8,7 @@ and cancelling are O(log n) under a lock; the thread starts on first use.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import threading
@@ -42,7 +43,9 @@ class Watchdog:
         with self._wake:
             heapq.heappush(self._heap, (deadline, next(self._counter), timer))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="inmesh-watchdog", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="inmesh-watchdog", daemon=True
+                )
                 self._thread.start()
             if self._heap[0][2] is timer:
                 self._wake.notify()
@@ -63,10 +66,8 @@ class Watchdog:
                     continue
                 heapq.heappop(self._heap)
             if not timer.cancelled:
-                try:
+                with contextlib.suppress(Exception):  # a failed cut must not stop the thread
                     timer.callback()
-                except Exception:  # noqa: BLE001, S110 - a failed cut must not stop the thread
-                    pass
 
 
 watchdog = Watchdog()

@@ -454,7 +454,7 @@ class _TransportBase:
             host=view.host, method=view.method, path=view.path, header=view.header, subset=None
         )
 
-    def _passed(self, view: _View, injection: Any, outcome: Any) -> Any:
+    def _passed(self, view: _View, injection: Any, outcome: Any) -> httpx.Response:
         """A passthrough call's end: the fault abort's reply, or the outcome, recorded."""
         if outcome is None:
             outcome = _local_response(fault_abort(injection.abort_status, injection.grpc_status))
@@ -469,7 +469,10 @@ class _TransportBase:
                 injected=injection is not None,
                 error=type(outcome).__name__ if failed else None,
             )
-        return outcome
+        if isinstance(outcome, Exception):
+            raise outcome
+        response: httpx.Response = outcome
+        return response
 
     def _mirror_admit(self, snapshot: Snapshot, request: httpx.Request) -> bool:
         """Room for one more mirrored request? Overflow is dropped and counted."""
@@ -517,10 +520,10 @@ class _TransportBase:
         if finish.reply is not None:
             return _local_response(finish.reply)
         if isinstance(result, _Failed):
-            error = _translate(result.error, request, result.where)
-            if error is None:
+            translated = _translate(result.error, request, result.where)
+            if translated is None:
                 raise result.error
-            raise error from error.__cause__
+            raise translated from translated.__cause__
         forward, table = upstream.forward, upstream.table
         assert finish.endpoint is not None
         result.extensions["inmesh"] = RouteInfo(
@@ -625,7 +628,6 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             response = self._passthrough.handle_request(request)
         except Exception as exc:
             self._passed(view, injection, exc)
-            raise
         return self._passed(view, injection, response)
 
     def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
@@ -655,7 +657,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             finally:
                 if self._pools.release(entry):
                     entry.pool.close()
-        except Exception as exc:  # noqa: BLE001 - a mirror never affects the caller
+        except Exception as exc:
             log.debug("mirror of %s failed: %s", request.url, exc)
         finally:
             self._mirror_done()
@@ -727,7 +729,7 @@ class _Stream(httpx.SyncByteStream):
 
 
 class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
-    """An ``httpx.AsyncBaseTransport`` that routes, balances and retries by the mesh configuration."""
+    """An ``httpx.AsyncBaseTransport`` that routes, balances and retries by the mesh config."""
 
     def __init__(self, mesh: Mesh, **options: Any) -> None:
         super().__init__(mesh, **options)
@@ -782,7 +784,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             return Attempted(
                 _outcome(exc, exchange.mesh_cut), _Failed(exc, exchange.where), time.monotonic()
             )
-        stream = _AsyncStream(response, self, hold, exchange, request, deadline)
+        stream = _AsyncStream(response, self, hold, exchange, request, deadline=deadline)
         reply = self._respond(
             upstream, response.status, response.headers, stream, response.extensions
         )
@@ -808,7 +810,6 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             response = await self._passthrough.handle_async_request(request)
         except Exception as exc:
             self._passed(view, injection, exc)
-            raise
         return self._passed(view, injection, response)
 
     def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
@@ -841,7 +842,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             finally:
                 if self._pools.release(entry):
                     await entry.pool.aclose()
-        except Exception as exc:  # noqa: BLE001 - a mirror never affects the caller
+        except Exception as exc:
             log.debug("mirror of %s failed: %s", request.url, exc)
         finally:
             self._mirror_done()
@@ -875,6 +876,7 @@ class _AsyncStream(httpx.AsyncByteStream):
         hold: _Hold,
         exchange: _Exchange,
         request: httpx.Request,
+        *,
         deadline: float | None,
     ) -> None:
         self._response = response
