@@ -208,7 +208,8 @@ def attempt_flow(
                 if not tried
                 else PickContext(rng=rng, hash_key=upstream.hash_key, exclude=tried)
             )
-            endpoint = cluster.balancer_at(now).pick(context)
+            balancer = cluster.balancer if outlier is None else cluster.balancer_at(now)
+            endpoint = balancer.pick(context)
             if endpoint is None:
                 reply = LocalReply(503, f"no healthy upstream in {cluster.name}")
                 return Finish(reply, None, attempt - 1, None, injected)

@@ -12,7 +12,7 @@ ServiceEntries declaring one) are found here and reported like validation proble
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Generic, TypeVar
@@ -221,19 +221,16 @@ class Snapshot:
         self._services = services
         self._routes = routes
         self._rules = rules
+        self.service: Callable[[str], Service | None] = services.get
+        self.route_table: Callable[[str], RouteTable | None] = routes.get
+        self.rule: Callable[[str], DestinationRule | None] = rules.get
         self._clusters = clusters
         self.endpoint_keys: frozenset[EndpointKey] = frozenset(
             e.key for c in clusters.values() for e in c.endpoints
         )
 
-    def service(self, host: str) -> Service | None:
-        return self._services.get(host)
-
-    def route_table(self, host: str) -> RouteTable | None:
-        return self._routes.get(host)
-
-    def rule(self, host: str) -> DestinationRule | None:
-        return self._rules.get(host)
+    # service(host), route_table(host) and rule(host) are the indexes' own lookups, bound
+    # in __init__: they run on every request, and a wrapper method would add a call.
 
     def knows(self, host: str) -> bool:
         """Whether the mesh handles this host (a service or a VirtualService names it)."""
