@@ -18,7 +18,9 @@ import asyncio
 import os
 import statistics
 import time
+from collections.abc import Iterator
 
+import httpcore
 import httpx
 
 from _servers import upstream_processes
@@ -76,6 +78,59 @@ async def per_request_async(client: httpx.AsyncClient, urls: list[str], count: i
     return (time.perf_counter() - start) / count, (time.thread_time() - cpu) / count
 
 
+class _MemoryPool:
+    """An httpcore pool that answers at once from memory: no sockets, no upstream."""
+
+    class _Body:
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"{}"
+
+        def close(self) -> None:
+            pass
+
+    def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+        for _ in request.stream:  # type: ignore[union-attr]
+            pass
+        return httpcore.Response(
+            200,
+            headers=[(b"content-length", b"2")],
+            content=self._Body(),
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def transport_overhead(mesh: Mesh, rounds: int, count: int = 2000) -> None:
+    """The transports' own cost, with the network taken out: both clients talk to the same
+    in-memory pool, so the difference is the mesh's work per request (plan, flow, pick)."""
+    bare_transport = httpx.HTTPTransport()
+    bare_transport._pool = _MemoryPool()  # type: ignore[assignment]
+    mesh_transport = mesh.transport()
+    mesh_transport._pools._factory = lambda _settings: _MemoryPool()
+    bare_ts, mesh_ts = [], []
+    with (
+        httpx.Client(transport=bare_transport) as bare,
+        httpx.Client(transport=mesh_transport) as meshed,
+    ):
+        for _ in range(rounds):
+            for client, url, into in (
+                (bare, "http://127.0.0.1:8080/reviews/0", bare_ts),
+                (meshed, "http://reviews:9080/reviews/0", mesh_ts),
+            ):
+                start = time.thread_time()
+                for _ in range(count):
+                    client.get(url)
+                into.append((time.thread_time() - start) / count)
+    bare_t, mesh_t = min(bare_ts), min(mesh_ts)
+    print(
+        f"  in-memory pool (no network), best of {rounds}: bare client {bare_t * 1e6:.1f} µs,"
+        f" mesh client {mesh_t * 1e6:.1f} µs: the mesh adds {(mesh_t - bare_t) * 1e6:.1f} µs"
+        " of CPU per request"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=500, help="requests per round")
@@ -118,6 +173,7 @@ def main() -> None:
                         )
 
         asyncio.run(run_async())
+        transport_overhead(mesh, rounds=7)
         mesh.close()
 
     print(f"{args.requests} requests x {args.rounds} rounds, alternating; median per request")

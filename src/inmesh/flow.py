@@ -37,7 +37,7 @@ from inmesh.endpoints import Endpoint, EndpointKey
 from inmesh.plan import LocalReply, Upstream
 from inmesh.resilience.faults import decide
 from inmesh.resilience.limits import EndpointLimits
-from inmesh.resilience.outlier import Result
+from inmesh.resilience.outlier import classify
 from inmesh.resilience.retry import Failure, Outcome, RetryState, retriable
 from inmesh.routing import RequestView
 from inmesh.testing.faults import OVERLAY
@@ -50,7 +50,6 @@ __all__ = [
     "Wait",
     "attempt_flow",
     "fault_abort",
-    "outlier_result",
 ]
 
 FAULT_ABORT_BODY = "fault filter abort"
@@ -99,19 +98,6 @@ class Finish(NamedTuple):
 
 
 Command = Wait | Send | Discard
-
-
-def outlier_result(outcome: Outcome) -> Result:
-    """How an attempt counts for outlier detection (Envoy, with local-origin errors folded
-    into the 5xx and gateway counters)."""
-    if outcome.failure is not None:
-        return Result.CONNECT_FAILURE
-    status = outcome.status
-    if status is None or status < 500:
-        return Result.SUCCESS
-    if status in (502, 503, 504):
-        return Result.GATEWAY_ERROR
-    return Result.SERVER_ERROR
 
 
 def fault_abort(status: int | None, grpc_status: str | None) -> LocalReply:
@@ -235,7 +221,7 @@ def attempt_flow(
             outcome = done.outcome
             if outlier is not None:
                 outlier.record(
-                    endpoint.key, outlier_result(outcome), now, total=len(cluster.endpoints)
+                    endpoint.key, classify(outcome), now, total=len(cluster.endpoints)
                 )
             timed_out = outcome.failure is Failure.TIMEOUT
             if deadline is not None and now >= deadline and (timed_out or outcome.status is None):

@@ -126,7 +126,9 @@ class Cluster:
         self._caller = caller
         self._stats = state.stats
         self.state: ClusterState = state.cluster(self.name)
-        self.state.configure(policy, mesh_config.retry_budget)
+        self.state.configure(
+            policy, mesh_config.retry_budget, frozenset(e.key for e in endpoints)
+        )
         self._balancer: Balancer | None = None
         self._ejected: frozenset[EndpointKey] | None = None
 

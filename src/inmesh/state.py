@@ -36,8 +36,14 @@ class ClusterState:
         self._pool = None  # the ConnectionPoolSettings the limits were made for
         self._limits: dict[EndpointKey, EndpointLimits] = {}
 
-    def configure(self, policy: TrafficPolicy, mesh_budget: RatioRetryBudget | None) -> None:
-        """Adopt a new policy, keeping what it still asks for (and its state)."""
+    def configure(
+        self,
+        policy: TrafficPolicy,
+        mesh_budget: RatioRetryBudget | None,
+        endpoints: frozenset[EndpointKey],
+    ) -> None:
+        """Adopt a new policy and endpoint set, keeping what they still ask for (and its
+        state: counters, ejections, budgets)."""
         with self._lock:
             detection = policy.outlier_detection
             if detection is None:
@@ -46,6 +52,8 @@ class ClusterState:
                 self.outlier = OutlierDetector(detection)
             else:
                 self.outlier.update(detection)
+                # Departed endpoints no longer count against maxEjectionPercent.
+                self.outlier.retain(endpoints)
 
             retry_budget = policy.retry_budget
             if retry_budget is None:
