@@ -61,6 +61,8 @@ def test_public_names_are_pinned() -> None:
     assert sorted(inmesh.__all__) == sorted(
         [
             "AsyncMeshTransport",
+            "Breaker",
+            "CircuitOpenError",
             "ConfigError",
             "FileRegistry",
             "MemoryRegistry",

@@ -28,12 +28,15 @@ from inmesh.mesh import Mesh, MeshStatus
 
 if TYPE_CHECKING:
     from inmesh.registry import FileRegistry, MemoryRegistry, Registry
+    from inmesh.resilience.breaker import Breaker, CircuitOpenError
     from inmesh.transports.http import AsyncMeshTransport, MeshTransport, RouteInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncMeshTransport",
+    "Breaker",
+    "CircuitOpenError",
     "ConfigError",
     "FileRegistry",
     "MemoryRegistry",
@@ -51,6 +54,8 @@ __all__ = [
 ]
 
 _LAZY = {
+    "Breaker": "inmesh.resilience.breaker",
+    "CircuitOpenError": "inmesh.resilience.breaker",
     "FileRegistry": "inmesh.registry",
     "MemoryRegistry": "inmesh.registry",
     "Registry": "inmesh.registry",

@@ -10,7 +10,11 @@ reason chained as ``__cause__``; that reason is an ``UpstreamError``.
      ├── ConfigError (also ValueError)       a resource failed validation; carries every Problem
      ├── RegistryError (also OSError)        a registry source cannot be read or watched
      ├── MissingExtraError (also ImportError) an optional part was used without its extra
-     └── UpstreamError                        the mesh's reason behind a per-call httpx/grpc error
+     ├── UpstreamError                        the mesh's reason behind a per-call httpx/grpc error
+     └── CircuitOpenError (also pybreaker.CircuitBreakerError)
+                                              a ``mesh.breaker(...)`` refused a call while open;
+                                              defined in inmesh.resilience.breaker (imported
+                                              lazily, so ``import inmesh`` loads no pybreaker)
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from inmesh.balancing import StatsTable
     from inmesh.registry import Registry
+    from inmesh.resilience.breaker import Breaker
     from inmesh.snapshot import Caller, Snapshot
     from inmesh.state import MeshState
     from inmesh.transports.http import AsyncMeshTransport, MeshTransport
@@ -106,6 +107,7 @@ class Mesh:
         self._lock = threading.Lock()
         self._listeners: list[Callable[[MeshStatus], None]] = []
         self._transports: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._breakers: dict[str, tuple[Breaker, dict[str, Any]]] = {}
         self._closed = False
         self._registry = open_registry(source)
         # A registry the caller handed us may serve other Meshes: we only stop listening.
@@ -251,6 +253,25 @@ class Mesh:
         return httpx.AsyncClient(
             transport=self.async_transport(**transport_options), **client_options
         )
+
+    # ------------------------------------------------------------------ breakers
+
+    def breaker(self, name: str, **options: Any) -> Breaker:
+        """The circuit breaker ``name`` of this Mesh, for any call: a decorator (sync or
+        async), a context manager, or ``call()``; pybreaker's state machine, listeners and
+        storage, without its limits (see ``inmesh.resilience.breaker``). The first call
+        with a name creates it with ``options``; later calls return the same breaker and
+        refuse different options."""
+        from inmesh.resilience.breaker import Breaker
+
+        with self._lock:
+            found = self._breakers.get(name)
+            if found is None:
+                found = self._breakers[name] = (Breaker(name, **options), options)
+        breaker, made_with = found
+        if options and options != made_with:
+            raise ValueError(f"breaker {name!r} already exists with other options ({made_with!r})")
+        return breaker
 
     # ------------------------------------------------------------------ lifetime
 
