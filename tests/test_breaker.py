@@ -772,7 +772,7 @@ def test_mesh_breaker_is_one_per_name() -> None:
         def charge() -> None:
             raise OSError("card network down")
 
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="card network down"):
             charge()
         with pytest.raises(CircuitOpenError):
             charge()
