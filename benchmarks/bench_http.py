@@ -101,6 +101,12 @@ class _MemoryPool:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> _MemoryPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
 
 def transport_overhead(mesh: Mesh, rounds: int, count: int = 2000) -> None:
     """The transports' own cost, with the network taken out: both clients talk to the same

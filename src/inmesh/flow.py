@@ -220,15 +220,22 @@ def attempt_flow(
             tried.append(endpoint.key)
             outcome = done.outcome
             if outlier is not None:
-                outlier.record(
-                    endpoint.key, classify(outcome), now, total=len(cluster.endpoints)
-                )
+                outlier.record(endpoint.key, classify(outcome), now, total=len(cluster.endpoints))
             timed_out = outcome.failure is Failure.TIMEOUT
             if deadline is not None and now >= deadline and (timed_out or outcome.status is None):
                 return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint, injected)
 
             backoff = None
-            if retry is not None and replayable and retriable(retry, outcome):
+            # A 1xx-3xx answer is retried only when its code is listed: most calls end here
+            # without consulting the policy's tables.
+            status = outcome.status
+            plain = status is not None and status < 400 and outcome.grpc_status is None
+            if (
+                retry is not None
+                and replayable
+                and (not plain or status in retry.retry_status_codes)
+                and retriable(retry, outcome)
+            ):
                 if retrying is None:  # made on the first failure: most calls never need one
                     retrying = RetryState(retry, rng)
                 backoff = retrying.next_backoff(outcome, attempt=attempt)
