@@ -147,9 +147,10 @@ def main() -> None:
         help="use the stdlib test upstream (~1 ms a request) instead of the fast one",
     )
     args = parser.parse_args()
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {0})  # the client on one core; the upstreams get the other
     with upstream_processes("a", "b", fast=not args.slow_upstream) as (a, b):
+        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+            # The client on one core (pinned after the upstreams started, so they are not).
+            os.sched_setaffinity(0, {0})
         bare_urls = [f"http://127.0.0.1:{a}/reviews/0", f"http://127.0.0.1:{b}/reviews/0"]
         mesh_urls = ["http://reviews:9080/reviews/0"] * 2
         mesh = Mesh(MemoryRegistry({"bench.yaml": REGISTRY.format(a=a, b=b)}), seed=1)

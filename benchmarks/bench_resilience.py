@@ -23,7 +23,7 @@ A plain script, not run by CI. Three parts:
 
 (a) and (b) use ``inmesh.testing.upstream.Upstream`` in this process (a stdlib threaded
 server, ~1 ms a request); (c) uses the minimal responder of ``_fast_upstream.py`` in
-processes of their own, with this process pinned to one core.
+processes of their own on one core, with this process pinned to the other.
 """
 
 from __future__ import annotations
@@ -107,9 +107,7 @@ spec:
 
 
 def service(ports: list[int]) -> str:
-    endpoints = "\n".join(
-        f"  - {{address: 127.0.0.1, ports: {{http: {port}}}}}" for port in ports
-    )
+    endpoints = "\n".join(f"  - {{address: 127.0.0.1, ports: {{http: {port}}}}}" for port in ports)
     return f"""\
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -239,10 +237,13 @@ def part_b(requests: int) -> None:
 
 def part_c(requests: int, rounds: int) -> None:
     print()
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {0})  # the client on one core; the upstreams get the other
+    pin = hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1
+    if pin:
+        os.sched_setaffinity(0, {1})  # the upstream processes inherit core 1 ...
     kinds = ("bare", "mesh", "full")
     with upstream_processes("a", "b", fast=True) as (a, b):
+        if pin:
+            os.sched_setaffinity(0, {0})  # ... and the client has core 0 to itself
         bare_urls = [f"http://127.0.0.1:{a}/reviews/0", f"http://127.0.0.1:{b}/reviews/0"]
         mesh_urls = [URL, URL]
         plain = make_mesh(service([a, b]))

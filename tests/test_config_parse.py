@@ -1141,6 +1141,11 @@ CASES += [
             ("http1MaxPendingRequests", -1, "must be ≥ 0"),
             ("http2MaxRequests", "100", "must be an integer"),
             ("maxRequestsPerConnection", -1, "must be ≥ 0"),
+            (
+                "maxRequestsPerConnection",
+                10,
+                "only 1 (a new connection per request) is supported by inmesh yet",
+            ),
             ("maxRetries", 2**31, "must be ≤ 2147483647"),
             ("idleTimeout", "0s", "at least 1ms"),
             ("h2UpgradePolicy", "UPGRADE", YET),
@@ -2227,7 +2232,7 @@ spec:
       http:
         http1MaxPendingRequests: 50
         http2MaxRequests: 200
-        maxRequestsPerConnection: 10
+        maxRequestsPerConnection: 1
         maxRetries: 5
         idleTimeout: 60s
     outlierDetection:
@@ -2292,7 +2297,7 @@ def test_resilient_ratings() -> None:
             http=HTTPSettings(
                 http1_max_pending_requests=50,
                 http2_max_requests=200,
-                max_requests_per_connection=10,
+                max_requests_per_connection=1,
                 max_retries=5,
                 idle_timeout=60.0,
             ),

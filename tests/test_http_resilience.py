@@ -607,3 +607,95 @@ def test_mirror_percentage_zero_sends_nothing(
     send_all(mesh, "sync", [("GET", URL, {})] * 20)
     assert mesh.state.mirrors_sent == 0
     assert shadow.received == []
+
+
+# ------------------------------------------------------------------------------ regressions
+
+
+def test_refused_connection_under_a_route_timeout_is_still_a_connect_failure(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """A refused connection is a connect failure even when the mesh set the connect
+    timeout: Istio's default policy retries it onto the live endpoint (no 504)."""
+    dead, alive = upstreams("dead", "alive")
+    dead.stop()
+    mesh = make_mesh(
+        service_yaml("reviews", [dead, alive]),
+        vs("    timeout: 2s"),
+        dr("    loadBalancer: {simple: ROUND_ROBIN}"),
+    )
+    assert [r.status_code for r in send_all(mesh, "sync", [("GET", URL, {})] * 4)] == [200] * 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_callers_own_read_timeout_is_not_retried_as_a_mesh_timeout(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """The caller's read timeout (tighter than the route's) raises httpx.ReadTimeout after one
+    attempt, although the mesh's deadline set the connect timeout."""
+    (slow,) = upstreams("slow")
+    slow.behave(delay=3)
+    mesh = make_mesh(
+        service_yaml("reviews", [slow]),
+        vs("    timeout: 1s\n    retries: {attempts: 3, retryOn: 5xx}"),
+    )
+    with pytest.raises(httpx.ReadTimeout):
+        get_once(mesh, mode, timeout=httpx.Timeout(5, read=0.2))
+    assert len(slow.received) == 1
+
+
+def test_cancelled_async_calls_give_back_their_pool_admission(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """A cancelled call releases its connection-pool admission: no overflow afterwards."""
+    (slow,) = upstreams("slow")
+    slow.behave(delay=0.5)
+    mesh = make_mesh(
+        service_yaml("reviews", [slow]),
+        dr("    connectionPool:\n      http: {http2MaxRequests: 2}"),
+    )
+
+    async def run() -> int:
+        async with mesh.async_client() as client:
+            for _ in range(2):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(client.get(URL), 0.05)
+            slow.behave()
+            return (await client.get(URL)).status_code
+
+    assert asyncio.run(run()) == 200
+
+
+def test_all_endpoints_ejected_means_no_healthy_upstream(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """With minHealthPercent 0 (Istio's default) Envoy's panic mode is off: once the only
+    endpoint is ejected, calls get 503 without reaching it."""
+    (bad,) = upstreams("bad")
+    bad.behave(status=500)
+    mesh = make_mesh(
+        service_yaml("reviews", [bad]),
+        dr("    outlierDetection: {consecutive5xxErrors: 2, interval: 10s, baseEjectionTime: 60s}"),
+    )
+    responses = send_all(mesh, "sync", [("GET", URL, {})] * 6)
+    assert [r.status_code for r in responses] == [500, 500, 503, 503, 503, 503]
+    assert "no healthy upstream" in responses[-1].text
+    assert len(bad.received) == 2
+
+
+def test_fault_aborted_request_is_not_mirrored(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """Mirroring happens with the first real attempt: an aborted request sends no copy."""
+    main, shadow = upstreams("main", "shadow")
+    mesh = make_mesh(
+        service_yaml("reviews", [main]),
+        service_yaml("reviews-next", [shadow]),
+        vs(
+            "    mirror: {host: reviews-next}\n"
+            "    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}"
+        ),
+    )
+    assert send(mesh, "sync", URL).status_code == 503
+    assert mesh.state.mirrors_sent == 0
+    assert shadow.received == []

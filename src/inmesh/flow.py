@@ -219,7 +219,8 @@ def attempt_flow(
                 holds_limit = False
             tried.append(endpoint.key)
             outcome = done.outcome
-            if outlier is not None:
+            if outlier is not None and (outcome.status is not None or outcome.failure is not None):
+                # The caller's own timeouts and client errors say nothing of the endpoint.
                 outlier.record(endpoint.key, classify(outcome), now, total=len(cluster.endpoints))
             timed_out = outcome.failure is Failure.TIMEOUT
             if deadline is not None and now >= deadline and (timed_out or outcome.status is None):
@@ -245,7 +246,8 @@ def attempt_flow(
                 holds_budget = budget.try_begin_retry(now)
                 if not holds_budget:
                     backoff = None
-            if backoff is not None and retry_limit is not None:
+            # Envoy: with a retry budget, maxRetries is ignored.
+            if backoff is not None and retry_limit is not None and budget is None:
                 holds_limit = retry_limit.try_begin()
                 if not holds_limit:
                     backoff = None

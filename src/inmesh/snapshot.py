@@ -126,9 +126,7 @@ class Cluster:
         self._caller = caller
         self._stats = state.stats
         self.state: ClusterState = state.cluster(self.name)
-        self.state.configure(
-            policy, mesh_config.retry_budget, frozenset(e.key for e in endpoints)
-        )
+        self.state.configure(policy, mesh_config.retry_budget, frozenset(e.key for e in endpoints))
         self._balancer: Balancer | None = None
         self._ejected: frozenset[EndpointKey] | None = None
 
@@ -169,7 +167,14 @@ class Cluster:
         total = len(self.endpoints)
         if total and (total - len(mine)) * 100 < detection.min_health_percent * total:
             mine = frozenset()  # below minHealthPercent outlier detection stands aside
-        balancer = self._balancer = self._build(failover=True, unhealthy=mine)
+        if total and len(mine) == total:
+            # Everything ejected and no panic threshold (Istio's minHealthPercent 0 turns
+            # Envoy's panic mode off): no healthy upstream, 503, until an ejection ends.
+            balancer = self._balancer = build_balancer(
+                (), self.policy.load_balancer, stats=self._stats
+            )
+        else:
+            balancer = self._balancer = self._build(failover=True, unhealthy=mine)
         self._ejected = ejected
         return balancer
 

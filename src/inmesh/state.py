@@ -82,6 +82,10 @@ class ClusterState:
                 else:
                     for limits in self._limits.values():
                         limits.update(pool)
+            for key in [
+                k for k, v in self._limits.items() if k not in endpoints and not v.in_flight
+            ]:
+                del self._limits[key]  # departed endpoints with nothing in flight
 
     def limits(self, key: EndpointKey) -> EndpointLimits | None:
         """The admission limits of one endpoint, or None when the cluster sets none."""

@@ -1366,10 +1366,17 @@ def _connection_pool(policy: Reader) -> ConnectionPoolSettings | None:
     http = HTTPSettings()
     http_reader = r.child("http", _HTTP_POOL_NOTES)
     if http_reader is not None:
+        per_connection = _limit(http_reader, "maxRequestsPerConnection")
+        if per_connection is not None and per_connection > 1:
+            # httpcore cannot retire a connection after N requests; 1 means no keep-alive.
+            http_reader.problem(
+                "maxRequestsPerConnection",
+                "only 1 (a new connection per request) is supported by inmesh yet",
+            )
         http = HTTPSettings(
             http1_max_pending_requests=_limit(http_reader, "http1MaxPendingRequests"),
             http2_max_requests=_limit(http_reader, "http2MaxRequests"),
-            max_requests_per_connection=_limit(http_reader, "maxRequestsPerConnection"),
+            max_requests_per_connection=per_connection,
             max_retries=_limit(http_reader, "maxRetries"),
             idle_timeout=_duration(http_reader, "idleTimeout"),
         )

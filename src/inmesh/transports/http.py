@@ -217,13 +217,30 @@ class _Hold:
         self.timer: Timer | None = None
 
 
-def _outcome(exc: Exception, mesh_cut: bool) -> Outcome:
-    """How a transport error counts for retries and outlier detection (Envoy's terms)."""
-    if isinstance(exc, httpcore.ConnectTimeout | httpcore.ConnectError):
-        return Outcome(failure=Failure.TIMEOUT if mesh_cut else Failure.CONNECT)
-    if isinstance(exc, httpcore.TimeoutException | TimeoutError):
-        # The mesh's deadline is a per-try timeout; the caller's own timeout ends the call.
-        return Outcome(failure=Failure.TIMEOUT) if mesh_cut else Outcome()
+_PHASES = (
+    (httpcore.ConnectTimeout, "connect"),
+    (httpcore.ReadTimeout, "read"),
+    (httpcore.WriteTimeout, "write"),
+    (httpcore.PoolTimeout, "pool"),
+)
+
+
+def _outcome(exc: Exception, mesh_phases: frozenset[str]) -> Outcome:
+    """How a transport error counts for retries and outlier detection (Envoy's terms).
+
+    ``mesh_phases`` are the timeout phases the mesh's deadline set (it was tighter than
+    the caller's): a timeout there is the mesh's per-try timeout; a timeout of the
+    caller's own is the caller's decision and ends the call.
+    """
+    if isinstance(exc, TimeoutError):  # anyio's deadline around the whole attempt
+        return Outcome(failure=Failure.TIMEOUT)
+    for kind, phase in _PHASES:
+        if isinstance(exc, kind):
+            if phase in mesh_phases:
+                return Outcome(failure=Failure.TIMEOUT)
+            return Outcome(failure=Failure.CONNECT) if phase == "connect" else Outcome()
+    if isinstance(exc, httpcore.ConnectError):
+        return Outcome(failure=Failure.CONNECT)
     if isinstance(exc, httpcore.RemoteProtocolError | httpcore.ReadError | httpcore.WriteError):
         return Outcome(failure=Failure.RESET)
     return Outcome()
@@ -272,6 +289,7 @@ def _replayable(request: httpx.Request) -> bool:
 
 
 _COUNTS = tuple(str(n).encode() for n in range(10))
+_NO_PHASES: frozenset[str] = frozenset()
 
 
 def _shadow(authority: bytes) -> bytes:
@@ -285,7 +303,7 @@ def _shadow(authority: bytes) -> bytes:
 class _Exchange:
     """One attempt's httpcore request, built from the caller's ``httpx.Request``."""
 
-    __slots__ = ("_endpoint", "_host", "cluster", "core_request", "key", "mesh_cut")
+    __slots__ = ("_endpoint", "_host", "cluster", "core_request", "key", "mesh_phases")
 
     def __init__(
         self,
@@ -314,18 +332,20 @@ class _Exchange:
         )
         extensions: dict[str, Any] = request.extensions
         connect = None if pool is None else pool.tcp.connect_timeout
-        self.mesh_cut = False
+        self.mesh_phases: frozenset[str] = _NO_PHASES
         if timeout is not None or connect is not None or scheme == "https":
             extensions = dict(extensions)
             caller = extensions.get("timeout") or {}
             limits = dict(caller)
             if timeout is not None:
                 # The tighter of the caller's timeout and the mesh's wins, per operation.
+                phases = []
                 for phase in ("connect", "read", "write", "pool"):
                     own = caller.get(phase)
                     if own is None or timeout < own:
                         limits[phase] = timeout
-                        self.mesh_cut = True
+                        phases.append(phase)
+                self.mesh_phases = frozenset(phases)
             if connect is not None and (limits.get("connect") or connect + 1) > connect:
                 limits["connect"] = connect
             extensions["timeout"] = limits
@@ -488,9 +508,12 @@ class _TransportBase:
             state.mirrors_dropped += 1
             return False
 
-    def _mirror_done(self) -> None:
+    def _mirror_done(self, *, sent: bool = True) -> None:
         with self._mirror_lock:
             self._mirrors_in_flight -= 1
+            if not sent:
+                self._mesh.state.mirrors_sent -= 1
+                self._mesh.state.mirrors_dropped += 1
 
     def _deliver(
         self,
@@ -565,13 +588,16 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             if isinstance(decision, LocalReply):
                 return _local_response(decision)
             return self._pass_through(request, view)
-        if decision.mirror is not None and self._mirror_admit(snapshot, request):
-            self._mirror(request, decision)
         flow = self._flow(snapshot, view, decision, request)
+        mirror = decision.mirror
         try:
             command = next(flow)
             while True:
                 if isinstance(command, Send):
+                    if mirror is not None:  # with the first attempt, as Envoy's router does
+                        if self._mirror_admit(snapshot, request):
+                            self._mirror(request, decision)
+                        mirror = None
                     command = flow.send(self._attempt(request, decision, command))
                 elif isinstance(command, Wait):
                     time.sleep(command.seconds)
@@ -591,16 +617,19 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             self._pools.acquire(exchange.key), self._mesh.stats.get(endpoint.key), send.limits
         )
         hold.stats.begin()
+        deadline = None if send.timeout is None else time.monotonic() + send.timeout
         try:
             response = hold.entry.pool.handle_request(exchange.core_request)
-        except Exception as exc:
+        except BaseException as exc:
             self._release(hold)
+            if not isinstance(exc, Exception):
+                raise
             return Attempted(
-                _outcome(exc, exchange.mesh_cut), _Failed(exc, exchange.where), time.monotonic()
+                _outcome(exc, exchange.mesh_phases), _Failed(exc, exchange.where), time.monotonic()
             )
         stream = _Stream(response, self, hold, exchange, request)
-        if send.timeout is not None:
-            hold.timer = watchdog.arm(time.monotonic() + send.timeout, stream.cut)
+        if deadline is not None:
+            hold.timer = watchdog.arm(deadline, stream.cut)
         reply = self._respond(
             upstream, response.status, response.headers, stream, response.extensions
         )
@@ -696,6 +725,8 @@ class _Stream(httpx.SyncByteStream):
 
     def cut(self) -> None:
         """The deadline passed: unblock any read by shutting the socket down."""
+        if self._response.extensions.get("http_version") == b"HTTP/2":
+            return  # the socket carries other streams: leave it to the per-read timeout
         self._cut = True
         stream = self._response.extensions.get("network_stream")
         sock = None if stream is None else stream.get_extra_info("socket")
@@ -746,13 +777,16 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             if isinstance(decision, LocalReply):
                 return _local_response(decision)
             return await self._pass_through(request, view)
-        if decision.mirror is not None and self._mirror_admit(snapshot, request):
-            self._mirror(request, decision)
         flow = self._flow(snapshot, view, decision, request)
+        mirror = decision.mirror
         try:
             command = next(flow)
             while True:
                 if isinstance(command, Send):
+                    if mirror is not None:  # with the first attempt, as Envoy's router does
+                        if self._mirror_admit(snapshot, request):
+                            self._mirror(request, decision)
+                        mirror = None
                     command = flow.send(await self._attempt(request, decision, command))
                 elif isinstance(command, Wait):
                     await anyio.sleep(command.seconds)
@@ -779,10 +813,14 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             else:
                 with anyio.fail_after(send.timeout):
                     response = await hold.entry.pool.handle_async_request(exchange.core_request)
-        except Exception as exc:
-            await self._release(hold)
+        except BaseException as exc:
+            # A cancellation too must give back what the attempt holds (limits above all).
+            with anyio.CancelScope(shield=True):
+                await self._release(hold)
+            if not isinstance(exc, Exception):
+                raise
             return Attempted(
-                _outcome(exc, exchange.mesh_cut), _Failed(exc, exchange.where), time.monotonic()
+                _outcome(exc, exchange.mesh_phases), _Failed(exc, exchange.where), time.monotonic()
             )
         stream = _AsyncStream(response, self, hold, exchange, request, deadline=deadline)
         reply = self._respond(
@@ -816,7 +854,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         try:
             task = asyncio.get_running_loop().create_task(self._send_mirror(request, upstream))
         except RuntimeError:  # not on asyncio (trio): mirroring is asyncio-only
-            self._mirror_done()
+            self._mirror_done(sent=False)
             return
         self._mirror_tasks.add(task)  # keep a reference until it ends
         task.add_done_callback(self._mirror_tasks.discard)
