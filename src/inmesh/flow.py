@@ -125,7 +125,12 @@ def attempt_flow(
     replayable: bool,
     mesh_config: MeshConfig,
     pick: PickContext,
+    grpc: bool = False,
+    deadline: float | None = None,
 ) -> Generator[Command, Any, Finish]:
+    """The flow of one call (see the module docstring). ``deadline`` is the caller's own
+    absolute deadline (gRPC ``timeout=``) on the same clock as ``now``; ``grpc`` says the
+    call is gRPC, for the test overlay's protocol-specific faults."""
     cluster = upstream.cluster
     state = cluster.state
     route = upstream.forward.route.spec if upstream.forward is not None else None
@@ -140,6 +145,7 @@ def attempt_flow(
             path=request.path,
             header=request.header,
             subset=cluster.key.subset,
+            grpc=grpc,
         )
     header_faults = mesh_config.allow_header_faults
     if injection is None and (fault is not None or header_faults):
@@ -154,7 +160,7 @@ def attempt_flow(
 
     # 2. Policy: a route with a fault has no timeout and no retries (Istio).
     retry: HTTPRetry | None = None
-    deadline: float | None = None
+    caller_deadline, deadline = deadline, None
     if fault is None:
         retry = (
             route.retries
@@ -169,6 +175,8 @@ def attempt_flow(
             limit = asked
         if limit is not None:
             deadline = now + limit
+    if caller_deadline is not None and (deadline is None or caller_deadline < deadline):
+        deadline = caller_deadline  # the caller's own deadline: the tighter wins
     per_try = None if retry is None else retry.per_try_timeout
 
     # 3. Budgets see every original request.
@@ -189,6 +197,8 @@ def attempt_flow(
     try:
         while True:
             attempt += 1
+            if deadline is not None and now >= deadline:  # spent before this try (a delay)
+                return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt - 1, None, injected)
             context = (
                 pick
                 if not tried
@@ -219,7 +229,11 @@ def attempt_flow(
                 holds_limit = False
             tried.append(endpoint.key)
             outcome = done.outcome
-            if outlier is not None and (outcome.status is not None or outcome.failure is not None):
+            if outlier is not None and (
+                outcome.status is not None
+                or outcome.failure is not None
+                or outcome.grpc_status is not None
+            ):
                 # The caller's own timeouts and client errors say nothing of the endpoint.
                 outlier.record(endpoint.key, classify(outcome), now, total=len(cluster.endpoints))
             timed_out = outcome.failure is Failure.TIMEOUT
