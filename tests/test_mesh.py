@@ -67,6 +67,8 @@ def test_public_names_are_pinned() -> None:
             "FileRegistry",
             "MemoryRegistry",
             "Mesh",
+            "MeshAioChannel",
+            "MeshChannel",
             "MeshError",
             "MeshStatus",
             "MeshTransport",

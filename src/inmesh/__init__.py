@@ -29,6 +29,8 @@ from inmesh.mesh import Mesh, MeshStatus
 if TYPE_CHECKING:
     from inmesh.registry import FileRegistry, MemoryRegistry, Registry
     from inmesh.resilience.breaker import Breaker, CircuitOpenError
+    from inmesh.transports.grpc import MeshChannel
+    from inmesh.transports.grpc_aio import MeshAioChannel
     from inmesh.transports.http import AsyncMeshTransport, MeshTransport, RouteInfo
 
 __version__ = "0.1.0"
@@ -41,6 +43,8 @@ __all__ = [
     "FileRegistry",
     "MemoryRegistry",
     "Mesh",
+    "MeshAioChannel",
+    "MeshChannel",
     "MeshError",
     "MeshStatus",
     "MeshTransport",
@@ -55,6 +59,8 @@ __all__ = [
 
 _LAZY = {
     "Breaker": "inmesh.resilience.breaker",
+    "MeshAioChannel": "inmesh.transports.grpc_aio",
+    "MeshChannel": "inmesh.transports.grpc",
     "CircuitOpenError": "inmesh.resilience.breaker",
     "FileRegistry": "inmesh.registry",
     "MemoryRegistry": "inmesh.registry",

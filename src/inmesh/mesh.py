@@ -14,6 +14,7 @@ loader and the file watcher are imported when a Mesh first needs them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -21,12 +22,12 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from inmesh.endpoints import Locality
-from inmesh.exceptions import ConfigError, Problem, RegistryError
+from inmesh.exceptions import ConfigError, MissingExtraError, Problem, RegistryError
 
 if TYPE_CHECKING:
     import httpx
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from inmesh.resilience.breaker import Breaker
     from inmesh.snapshot import Caller, Snapshot
     from inmesh.state import MeshState
+    from inmesh.transports.grpc import MeshChannel
+    from inmesh.transports.grpc_aio import MeshAioChannel
     from inmesh.transports.http import AsyncMeshTransport, MeshTransport
 
 __all__ = ["Mesh", "MeshStatus"]
@@ -254,6 +257,36 @@ class Mesh:
             transport=self.async_transport(**transport_options), **client_options
         )
 
+    # ------------------------------------------------------------------ gRPC
+
+    def grpc_channel(
+        self, target: str, *, options: Sequence[tuple[str, Any]] = (), credentials: Any = None
+    ) -> MeshChannel:
+        """A ``grpc.Channel`` to the logical ``target`` (``"ratings:9090"``) routed, balanced
+        and retried by the mesh; generated stubs work unchanged. ``options`` and
+        ``credentials`` go to the per-endpoint channels (insecure without credentials)."""
+        _require_grpc()
+        from inmesh.transports.grpc import MeshChannel
+
+        channel = MeshChannel(
+            self, target, options=options, credentials=credentials, seed=self._next_seed()
+        )
+        self._transports.add(channel)
+        return channel
+
+    def grpc_aio_channel(
+        self, target: str, *, options: Sequence[tuple[str, Any]] = (), credentials: Any = None
+    ) -> MeshAioChannel:
+        """The ``grpc.aio.Channel`` counterpart of ``grpc_channel``."""
+        _require_grpc()
+        from inmesh.transports.grpc_aio import MeshAioChannel
+
+        channel = MeshAioChannel(
+            self, target, options=options, credentials=credentials, seed=self._next_seed()
+        )
+        self._transports.add(channel)
+        return channel
+
     # ------------------------------------------------------------------ breakers
 
     def breaker(self, name: str, **options: Any) -> Breaker:
@@ -276,20 +309,19 @@ class Mesh:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Stop watching the registry and close the pools of this Mesh's sync transports.
+        """Stop watching the registry and close this Mesh's sync transports and channels.
 
-        Async transports are closed by their clients (``await client.aclose()``) or by
-        ``await mesh.aclose()``.
+        Async transports and channels are closed by their owners (``await client.aclose()``,
+        ``await channel.close()``) or by ``await mesh.aclose()``.
         """
         if self._closed:
             return
         self._closed = True
         self._release_registry()
-        from inmesh.transports.http import MeshTransport
-
         for transport in list(self._transports):
-            if isinstance(transport, MeshTransport):
-                transport.close()
+            close = getattr(transport, "close", None)
+            if close is not None and not inspect.iscoroutinefunction(close):
+                close()
 
     def _release_registry(self) -> None:
         if self._owns_registry:
@@ -298,13 +330,14 @@ class Mesh:
             self._registry.unwatch(self._on_change)
 
     async def aclose(self) -> None:
-        """``close()``, and the pools of async transports too."""
-        from inmesh.transports.http import AsyncMeshTransport
-
+        """``close()``, and the async transports and channels too."""
         self.close()
         for transport in list(self._transports):
-            if isinstance(transport, AsyncMeshTransport):
-                await transport.aclose()
+            aclose = getattr(transport, "aclose", None)
+            if aclose is None and inspect.iscoroutinefunction(getattr(transport, "close", None)):
+                aclose = transport.close
+            if aclose is not None:
+                await aclose()
 
     def __enter__(self) -> Mesh:
         return self
@@ -321,6 +354,13 @@ class Mesh:
     def __repr__(self) -> str:
         version = self._snapshot.version
         return f"<Mesh {self._registry.name} workload={self.workload!r} version={version}>"
+
+
+def _require_grpc() -> None:
+    try:
+        import grpc  # type: ignore[import-untyped]  # noqa: F401 - grpcio ships no types
+    except ImportError as exc:
+        raise MissingExtraError("gRPC channels", "grpc", "grpcio") from exc
 
 
 def _split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

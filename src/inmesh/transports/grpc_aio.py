@@ -1,0 +1,602 @@
+"""``MeshAioChannel``: the mesh as a ``grpc.aio.Channel``.
+
+The asyncio twin of ``inmesh.transports.grpc``: the same core (target, plan, endpoint
+channels, attempt bookkeeping, delivery), the same flow, a driver that awaits where the
+sync one blocks. ``grpc.aio`` has no ``intercept_channel``, so this is a channel of its
+own whose multi-callables return call objects that implement grpc.aio's call interfaces.
+
+Each call runs as a task started when the call is made, as grpc.aio's own calls do.
+Unary-response calls (unary-unary, stream-unary) await each attempt; streaming-response
+calls (unary-stream, stream-stream) count an attempt as answered at its first message and
+retry only before it, after which reads go to that attempt's own grpc.aio call.
+Request-streaming calls are never retried; ``write()`` and ``done_writing()`` go to the
+attempt once it exists. Errors are ``grpc.aio.AioRpcError``s: the last attempt's own, or
+the mesh's local reply with its reason chained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
+import grpc.aio  # type: ignore[import-untyped]
+
+from inmesh.flow import Attempted, Finish, Send, Wait
+from inmesh.plan import LocalReply, Upstream
+from inmesh.transports.grpc import (
+    _NOTHING,
+    _OK,
+    MIRROR_TIMEOUT,
+    CallSpec,
+    ChannelCore,
+    Started,
+    _Code,
+    attempt_metadata,
+    cancelled_details,
+    local_error,
+    outcome_of,
+    reply_trailers,
+    upstream_of,
+)
+
+if TYPE_CHECKING:
+    from inmesh.mesh import Mesh
+
+__all__ = ["MeshAioChannel"]
+
+log = logging.getLogger("inmesh.grpc")
+
+_EOF = grpc.aio.EOF
+
+
+class _AioCore(ChannelCore):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def make_channel(self, target: str, options: list[tuple[str, Any]]) -> Any:
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, self.credentials, options=options)
+
+    def close_channel(self, channel: Any) -> None:
+        self.spawn(channel.close())
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)  # keep a reference until it ends
+        task.add_done_callback(self.tasks.discard)
+
+    def local_error(self, reply: LocalReply, upstream: Upstream | None) -> Any:
+        code, reason = local_error(reply, self.where(upstream))
+        error = grpc.aio.AioRpcError(
+            code,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(*reply_trailers(reply)),
+            reply.reason,
+            f"inmesh: {reply.reason}",
+        )
+        error.__cause__ = reason
+        return error
+
+    def mirror(self, spec: CallSpec, request: Any, metadata: Any, upstream: Upstream) -> None:
+        self.spawn(self._mirror(spec, request, metadata, upstream))
+
+    async def _mirror(
+        self, spec: CallSpec, request: Any, metadata: Any, upstream: Upstream
+    ) -> None:
+        hold = None
+        try:
+            hold = self.mirror_hold(upstream)
+            if hold is not None:
+                await self.callable(hold.entry, spec, upstream)(
+                    request,
+                    timeout=MIRROR_TIMEOUT,
+                    metadata=attempt_metadata(metadata, upstream, 1),
+                )
+        except Exception as exc:
+            log.debug("mirror of %s failed: %s", spec.method, exc)
+        finally:
+            if hold is not None:
+                self.release(hold)
+            self.mirror_done()
+
+
+class MeshAioChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc is untyped
+    """A ``grpc.aio.Channel`` to the logical ``target``, routed by the mesh.
+
+    ``options`` and ``credentials`` go to every endpoint channel (insecure when
+    ``credentials`` is None). Generated stubs work unchanged.
+    """
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        target: str,
+        *,
+        options: Sequence[tuple[str, Any]] = (),
+        credentials: Any = None,
+        seed: int | None = None,
+    ) -> None:
+        self._core = _AioCore(mesh, target, options=options, credentials=credentials, seed=seed)
+        self._closed = asyncio.Event()
+
+    @property
+    def target(self) -> str:
+        return self._core.target
+
+    def _callable(
+        self, shape: str, method: Any, ser: Any, deser: Any, registered: Any, *, replayable: bool
+    ) -> _AioCallable:
+        if isinstance(method, bytes):
+            method = method.decode()
+        return _AioCallable(self._core, CallSpec(shape, method, ser, deser, registered), replayable)
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: Any = False,
+    ) -> _AioCallable:
+        return self._callable(
+            "unary_unary",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+            replayable=True,
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: Any = False,
+    ) -> _AioCallable:
+        return self._callable(
+            "unary_stream",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+            replayable=True,
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: Any = False,
+    ) -> _AioCallable:
+        return self._callable(
+            "stream_unary",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+            replayable=False,
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: Any = False,
+    ) -> _AioCallable:
+        return self._callable(
+            "stream_stream",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+            replayable=False,
+        )
+
+    def get_state(
+        self,
+        try_to_connect: bool = False,  # noqa: ARG002 -- endpoint channels connect on demand
+    ) -> Any:
+        """READY: the mesh channel takes calls at once; its endpoint channels connect on
+        demand. SHUTDOWN once closed."""
+        if self._core.closed:
+            return grpc.ChannelConnectivity.SHUTDOWN
+        return grpc.ChannelConnectivity.READY
+
+    async def wait_for_state_change(self, last_observed_state: Any) -> None:
+        if self.get_state() != last_observed_state:
+            return
+        await self._closed.wait()
+
+    async def channel_ready(self) -> None:
+        return None
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close every endpoint channel (after ``grace`` seconds for calls in flight)."""
+        core = self._core
+        if core.closed:
+            return
+        core.closed = True
+        self._closed.set()
+        channels = core.channels.drain()
+        await asyncio.gather(*(c.close(grace) for c in channels), return_exceptions=True)
+        tasks = list(core.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> MeshAioChannel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(None)
+
+    def __repr__(self) -> str:
+        return f"<MeshAioChannel {self._core.target}>"
+
+
+class _AioCallable(
+    grpc.aio.UnaryUnaryMultiCallable,  # type: ignore[misc]  # grpc is untyped
+    grpc.aio.UnaryStreamMultiCallable,  # type: ignore[misc]
+    grpc.aio.StreamUnaryMultiCallable,  # type: ignore[misc]
+    grpc.aio.StreamStreamMultiCallable,  # type: ignore[misc]
+):
+    """Every shape's multi-callable: the spec says which call object a call makes."""
+
+    __slots__ = ("_core", "_replayable", "_spec")
+
+    def __init__(self, core: _AioCore, spec: CallSpec, replayable: bool) -> None:
+        self._core = core
+        self._spec = spec
+        self._replayable = replayable
+
+    def __call__(
+        self,
+        request: Any = None,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: Any = None,
+        compression: Any = None,
+    ) -> Any:  # a grpc.aio call of the spec's shape (grpc.aio is untyped)
+        extra = (credentials, wait_for_ready, compression)
+        if self._spec.shape.endswith("unary"):
+            return _AioUnaryResponseCall(self, request, timeout, metadata, extra)
+        return _AioStreamResponseCall(self, request, timeout, metadata, extra)
+
+
+_NEW, _RUNNING, _DONE = 0, 1, 2
+
+
+class _AioCall:
+    """What both call objects share: running the flow (inline in ``await``, or as a task
+    when the call must run unawaited), the attempt in flight, the finished attempt's call
+    (or the error), waiting for the end, cancellation, request writes."""
+
+    def __init__(
+        self,
+        owner: _AioCallable,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        extra: tuple[Any, Any, Any],
+    ) -> None:
+        self._owner = owner
+        self._request = request
+        self._metadata = metadata
+        self._extra = extra
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._state = _NEW
+        self._task: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._current: Any = None  # the attempt in flight (a grpc.aio call)
+        self._call: Any = None  # the delivered attempt's call
+        self._error: BaseException | None = None
+        self._cancelled = False
+        # Writes (request streaming without an iterator) wait for the attempt to exist.
+        self._ready: asyncio.Event | None = None
+        if owner._spec.shape.startswith("stream") and request is None:
+            self._ready = asyncio.Event()
+
+    def _start(self) -> None:
+        """Run the call as a task, unless it runs already (inline in ``await``: that saves
+        a task and two loop turns a call)."""
+        if self._state is _NEW:
+            self._state = _RUNNING
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        self._state = _RUNNING
+        try:
+            self._deliver(await self._drive())
+        except asyncio.CancelledError:
+            self._cancelled = True
+            raise
+        except Exception as error:
+            self._error = error
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._state = _DONE
+        if self._ready is not None:
+            self._ready.set()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            self._after(callback)
+
+    async def _wait(self) -> None:
+        """Until the flow is done (starting it if nobody has)."""
+        self._start()
+        if self._state is not _DONE:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    def _deliver(self, result: Any) -> None:
+        raise NotImplementedError
+
+    async def _drive(self) -> Any:
+        owner = self._owner
+        core = owner._core
+        snapshot, view, decision = core.start(owner._spec.method, self._metadata)
+        if isinstance(decision, LocalReply):
+            return core.deliver(view, None, Finish(decision, None, 0, None))
+        upstream = upstream_of(decision)
+        if (
+            upstream is not None
+            and upstream.mirror is not None
+            and owner._spec.shape == "unary_unary"
+            and core.mirror_admit(snapshot)
+        ):
+            core.mirror(owner._spec, self._request, self._metadata, upstream)
+        deadline = self._deadline
+        flow = core.flow(snapshot, view, decision, replayable=owner._replayable, deadline=deadline)
+        try:
+            command = next(flow)
+            while True:
+                if isinstance(command, Send):
+                    command = flow.send(await self._attempt(upstream, command))
+                elif isinstance(command, Wait):
+                    await asyncio.sleep(core.wait_seconds(command, deadline))
+                    if self._cancelled:
+                        raise asyncio.CancelledError
+                    command = flow.send(time.monotonic())
+                else:  # Discard: a failed attempt's call has ended already
+                    command = flow.send(None)
+        except StopIteration as stop:
+            finish: Finish = stop.value
+        finally:
+            flow.close()
+        return core.deliver(view, upstream, finish)
+
+    def _begin(self, upstream: Upstream | None, send: Send) -> tuple[Any, Any]:
+        """Start an attempt's grpc.aio call; its hold is released when the call ends."""
+        core = self._owner._core
+        hold = core.hold(upstream, send)
+        credentials, wait_for_ready, compression = self._extra
+        try:
+            call = core.callable(hold.entry, self._owner._spec, upstream)(
+                self._request,
+                timeout=send.timeout,
+                metadata=attempt_metadata(self._metadata, upstream, send.attempt),
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+        except BaseException:
+            core.release(hold)
+            raise
+        call.add_done_callback(lambda _: core.release(hold))
+        self._current = call
+        if self._ready is not None:
+            self._ready.set()
+        return call, time.monotonic()
+
+    async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
+        raise NotImplementedError
+
+    async def _finished(self) -> Any:
+        """The finished attempt's call, or the error, once the flow is done."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._wait()
+        if self._error is not None:
+            return self._error
+        if self._call is None:  # cancelled before any attempt
+            return _cancelled_error()
+        return self._call
+
+    # -- grpc.aio.Call
+
+    async def initial_metadata(self) -> Any:
+        call = await self._finished()
+        if isinstance(call, grpc.aio.AioRpcError):
+            return call.initial_metadata()
+        return await call.initial_metadata()
+
+    async def trailing_metadata(self) -> Any:
+        call = await self._finished()
+        if isinstance(call, grpc.aio.AioRpcError):
+            return call.trailing_metadata()
+        return await call.trailing_metadata()
+
+    async def code(self) -> Any:
+        call = await self._finished()
+        if isinstance(call, grpc.aio.AioRpcError):
+            return call.code()
+        return await call.code()
+
+    async def details(self) -> Any:
+        call = await self._finished()
+        if isinstance(call, grpc.aio.AioRpcError):
+            return call.details()
+        return await call.details()
+
+    async def wait_for_connection(self) -> None:
+        await self._finished()
+
+    def cancel(self) -> bool:
+        if self._state is _DONE:
+            call = self._call
+            return call is not None and bool(call.cancel())
+        self._cancelled = True
+        current = self._current
+        if current is not None:
+            current.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        elif self._state is _NEW:
+            self._finish()
+        return True
+
+    def cancelled(self) -> bool:
+        if self._call is not None and self._state is _DONE:
+            return bool(self._call.cancelled())
+        return self._cancelled
+
+    def done(self) -> bool:
+        if self._state is not _DONE:
+            return False
+        return self._call is None or bool(self._call.done())
+
+    def time_remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.monotonic())
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        if self._state is _DONE:
+            self._after(callback)
+        else:
+            self._callbacks.append(callback)
+
+    def _after(self, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(self)`` once the delivered attempt's call is over too."""
+        call = self._call
+        if call is None or call.done():
+            asyncio.get_running_loop().call_soon(callback, self)
+        else:
+            call.add_done_callback(lambda _: callback(self))
+
+    # -- request streaming
+
+    async def _writer(self) -> Any:
+        if self._request is not None:
+            raise grpc.aio.UsageError("write() is for calls made without a request iterator")
+        assert self._ready is not None
+        await self._ready.wait()
+        current = self._current
+        if current is None:  # answered before any attempt (no route, fault abort, ...)
+            await self._finished()
+            if self._error is not None:
+                raise self._error
+            raise asyncio.InvalidStateError("RPC already finished.")
+        return current
+
+    async def write(self, request: Any) -> None:
+        await (await self._writer()).write(request)
+
+    async def done_writing(self) -> None:
+        await (await self._writer()).done_writing()
+
+
+def _cancelled_error() -> Any:
+    return grpc.aio.AioRpcError(
+        _Code.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), cancelled_details()
+    )
+
+
+class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUnaryCall):  # type: ignore[misc]  # grpc is untyped
+    """Unary-unary and stream-unary calls: awaitable for the response."""
+
+    _response: Any = None
+
+    def _deliver(self, result: Any) -> None:
+        self._response, self._call = result
+
+    async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
+        call, started = self._begin(upstream, send)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as error:
+            now = time.monotonic()
+            return Attempted(outcome_of(error, send.timeout, now - started), error, now)
+        return Attempted(_OK, (response, call), time.monotonic())
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        if self._ready is not None:
+            self._start()  # writes need the call under way before it is awaited
+        else:
+            # Under way by the next loop turn, as grpc.aio's calls are, unless awaited first
+            # (the usual ``await stub.Get(...)``), which then runs it inline.
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self._state is _NEW:
+            yield from self._run().__await__()
+        else:
+            yield from self._wait().__await__()
+        if self._cancelled and self._call is None and self._error is None:
+            raise asyncio.CancelledError
+        if self._error is not None:
+            raise self._error
+        return self._response
+
+
+class _AioStreamResponseCall(_AioCall, grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: ignore[misc]  # grpc is untyped
+    """Unary-stream and stream-stream calls: ``read()`` or ``async for``."""
+
+    _first: Any = _NOTHING
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._start()
+
+    def _deliver(self, result: Any) -> None:
+        self._call, self._first = result
+
+    async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
+        call, started = self._begin(upstream, send)
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as error:
+            now = time.monotonic()
+            return Attempted(outcome_of(error, send.timeout, now - started), error, now)
+        return Attempted(_OK, Started(call, _NOTHING if first is _EOF else first), time.monotonic())
+
+    async def read(self) -> Any:
+        await self._wait()
+        if self._cancelled and self._call is None and self._error is None:
+            raise asyncio.CancelledError
+        if self._error is not None:
+            raise self._error
+        first = self._first
+        if first is not _NOTHING:
+            self._first = _NOTHING
+            return first
+        return await self._call.read()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[Any]:
+        while True:
+            message = await self.read()
+            if message is _EOF:
+                return
+            yield message
