@@ -48,10 +48,11 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     locality: Locality = field(default_factory=Locality)
     service_account: str | None = None
+    # (address, port), made once: balancers, stats and pools look it up on every request.
+    key: EndpointKey = field(init=False, repr=False)
 
-    @property
-    def key(self) -> EndpointKey:
-        return (self.address, self.port)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.address, self.port))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Endpoint):

@@ -320,7 +320,7 @@ class _Exchange:
         cluster = upstream.cluster
         pool = cluster.policy.connection_pool
         self.key: PoolKey = (scheme, endpoint.address, endpoint.port, pool)
-        headers = list(request.headers.raw)
+        headers = request.headers.raw  # a fresh list on every access: ours to extend
         if upstream.authority is not None or shadow:
             authority = upstream.authority.encode() if upstream.authority else url.netloc
             headers = [(k, v) for k, v in headers if k.lower() != b"host"]
