@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from inmesh.grpc_status import GRPC_STATUS_NAMES
+
 __all__ = [
     "DEFAULT_RETRY",
     "DEFAULT_RETRY_ON",
+    "GRPC_STATUS_NAMES",
     "ConnectionPoolSettings",
     "ConsistentHash",
     "CookieHashKey",

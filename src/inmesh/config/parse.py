@@ -42,6 +42,7 @@ from inmesh.config.document import Document, FieldPath
 from inmesh.config.model import (
     DEFAULT_RETRY,
     DEFAULT_RETRY_ON,
+    GRPC_STATUS_NAMES,
     ConnectionPoolSettings,
     ConsistentHash,
     CookieHashKey,
@@ -1108,25 +1109,6 @@ _RETRY_ON: Final = (
 _LATER_RETRY_ON: Final = frozenset(
     {"envoy-ratelimited", "retriable-headers", "reset-before-request", "http3-post-connect-failure"}
 )
-_GRPC_STATUS: Final = (
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-)
 _ABORT_KINDS: Final = ("httpStatus", "grpcStatus", "http2Error")
 _MIRROR_PERCENT_KEYS: Final = ("mirrorPercentage", "mirrorPercent", "mirror_percent")
 # Envoy keeps a fault's percentage in millionths (FractionalPercent), so Istio refuses a
@@ -1261,13 +1243,13 @@ def _fault_abort(fault: Reader) -> FaultAbort | None:
     grpc_status: str | None = None
     name = r.string("grpcStatus", non_empty=True)
     if name is not None:
-        if name.upper() in _GRPC_STATUS:
+        if name.upper() in GRPC_STATUS_NAMES:
             grpc_status = name.upper()
         else:
             r.problem(
                 "grpcStatus",
                 f"{name!r} is not a gRPC status name (e.g. UNAVAILABLE)"
-                f"{suggestion(name, _GRPC_STATUS)}",
+                f"{suggestion(name, GRPC_STATUS_NAMES)}",
             )
     percentage = _percentage(r, "percentage", fault=True)
     given = [kind for kind in _ABORT_KINDS if r.present(kind)]

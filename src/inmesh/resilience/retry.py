@@ -57,7 +57,7 @@ from typing import Final, NamedTuple
 
 import tenacity
 
-from inmesh.config.model import HTTPRetry
+from inmesh.config.model import GRPC_STATUS_NAMES, HTTPRetry
 
 __all__ = [
     "GRPC_STATUS_NAMES",
@@ -68,26 +68,6 @@ __all__ = [
     "retriable",
 ]
 
-GRPC_STATUS_NAMES: Final[tuple[str, ...]] = (
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-)
-"""gRPC status names by code: ``GRPC_STATUS_NAMES[14] == "UNAVAILABLE"``."""
 
 _DEFAULT_BASE: Final = 0.025  # Envoy's default base interval
 _DEFAULT_CAP: Final = 0.25  # Envoy's default max interval: 10 × base

@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import Any, Final, NamedTuple
 
 from inmesh.exceptions import ConfigError, Problem
+from inmesh.grpc_status import GRPC_STATUS_NAMES as _GRPC_STATUS_BY_CODE
 
 __all__ = [
     "GRPC_STATUS_NAMES",
@@ -53,26 +54,7 @@ __all__ = [
 ]
 
 #: The gRPC status names an abort may use (every status but OK).
-GRPC_STATUS_NAMES: Final = frozenset(
-    {
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    }
-)
+GRPC_STATUS_NAMES: Final = frozenset(_GRPC_STATUS_BY_CODE[1:])
 
 
 class Injection(NamedTuple):
