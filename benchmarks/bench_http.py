@@ -114,7 +114,7 @@ def transport_overhead(mesh: Mesh, rounds: int, count: int = 2000) -> None:
     bare_transport = httpx.HTTPTransport()
     bare_transport._pool = _MemoryPool()  # type: ignore[assignment]
     mesh_transport = mesh.transport()
-    mesh_transport._pools._factory = lambda _settings: _MemoryPool()
+    mesh_transport._pools._factory = lambda _key: _MemoryPool()
     bare_ts, mesh_ts = [], []
     with (
         httpx.Client(transport=bare_transport) as bare,

@@ -205,17 +205,17 @@ def test_each_endpoint_has_its_own_pool_and_departed_pools_close(
         with httpx.Client(transport=transport) as client:
             for _ in range(10):
                 client.get("http://reviews:9080/")
-            pools = dict(transport._pools._pools)
+            pools = dict(transport._pools.entries)
             assert set(pools) == {
                 ("http", a.address, a.port, None),
                 ("http", b.address, b.port, None),
             }
-            departed = pools[("http", b.address, b.port, None)].pool
+            departed = pools[("http", b.address, b.port, None)].resource
             assert departed.connections  # a kept-alive connection
 
             registry.put("s.yaml", service_yaml("reviews", [a]))
             client.get("http://reviews:9080/")  # the next request reconciles pools
-            assert set(transport._pools._pools) == {("http", a.address, a.port, None)}
+            assert set(transport._pools.entries) == {("http", a.address, a.port, None)}
             assert departed.connections == []
 
 
@@ -282,7 +282,7 @@ def test_client_kwargs_pass_through_to_httpx(
         base_url="http://reviews:9080", headers={"x-team": "a"}, timeout=3, limits=limits
     ) as client:
         response = client.get("/x")
-        pool = next(iter(client._transport._pools._pools.values())).pool  # type: ignore[attr-defined]
+        pool = next(iter(client._transport._pools.entries.values())).resource  # type: ignore[attr-defined]
     assert response.status_code == 200
     assert up.received[-1].headers["x-team"] == "a"
     assert pool._max_connections == 1
@@ -299,7 +299,7 @@ def test_mesh_close_stops_watching_and_closes_pools(
     mesh = Mesh(tmp_path)
     client = mesh.client()
     client.get("http://reviews:9080/")
-    pool = next(iter(client._transport._pools._pools.values())).pool  # type: ignore[attr-defined]
+    pool = next(iter(client._transport._pools.entries.values())).resource  # type: ignore[attr-defined]
     assert pool.connections
     mesh.close()
     assert pool.connections == []

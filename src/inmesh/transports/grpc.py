@@ -60,6 +60,7 @@ from inmesh.plan import LocalReply, Plan, Upstream, plan
 from inmesh.resilience.limits import EndpointLimits
 from inmesh.resilience.retry import Failure, Outcome
 from inmesh.testing.faults import OVERLAY, CallRecord
+from inmesh.transports._resources import EndpointResources, Entry
 from inmesh.transports._watchdog import Timer, watchdog
 
 if TYPE_CHECKING:
@@ -316,69 +317,12 @@ def cancelled_error() -> _LocalRpcError:
 # --------------------------------------------------------------------------- endpoint channels
 
 
-class _Entry:
-    """One endpoint's grpcio channel, its calls in flight, and its multi-callables."""
-
-    __slots__ = ("active", "callables", "channel", "retired")
-
-    def __init__(self, channel: Any) -> None:
-        self.channel = channel
-        self.active = 0
-        self.retired = False
-        self.callables: dict[Any, Any] = {}
-
-
 ChannelKey = tuple[str, int, str]  # (address, port, authority)
 
 
-class ChannelSet:
-    """Endpoint channels with retirement; bookkeeping under a lock, closing after it."""
-
-    def __init__(self, factory: Callable[[ChannelKey], Any]) -> None:
-        self._factory = factory
-        self._entries: dict[ChannelKey, _Entry] = {}
-        self._lock = threading.Lock()
-        self.version = -1
-
-    def acquire(self, key: ChannelKey) -> _Entry:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = _Entry(self._factory(key))
-            entry.active += 1
-            return entry
-
-    def release(self, entry: _Entry) -> bool:
-        """Count a call finished; True if its channel is now retired and idle (close it)."""
-        with self._lock:
-            entry.active -= 1
-            return entry.retired and entry.active == 0
-
-    def retire(self, keep: frozenset[EndpointKey], version: int) -> list[Any]:
-        """Retire channels of departed endpoints; return those idle now, to be closed."""
-        with self._lock:
-            if version <= self.version:
-                return []
-            self.version = version
-            idle = []
-            for key, entry in list(self._entries.items()):
-                if (key[0], key[1]) not in keep and key[2] != "":
-                    del self._entries[key]
-                    entry.retired = True
-                    if entry.active == 0:
-                        idle.append(entry.channel)
-            return idle
-
-    def drain(self) -> list[Any]:
-        with self._lock:
-            channels = [e.channel for e in self._entries.values()]
-            for entry in self._entries.values():
-                entry.retired = True
-            self._entries.clear()
-            return channels
-
-    def __len__(self) -> int:
-        return len(self._entries)
+def _channel_endpoint(key: ChannelKey) -> EndpointKey | None:
+    # Passthrough channels (to hosts outside the registry) carry an empty authority.
+    return None if key[2] == "" else (key[0], key[1])
 
 
 class Hold:
@@ -387,7 +331,7 @@ class Hold:
 
     __slots__ = ("entry", "limits", "released", "stats")
 
-    def __init__(self, entry: _Entry, stats: EndpointStats, limits: EndpointLimits | None):
+    def __init__(self, entry: Entry[Any], stats: EndpointStats, limits: EndpointLimits | None):
         self.entry = entry
         self.stats = stats
         self.limits = limits
@@ -435,7 +379,9 @@ class ChannelCore:
         self.rng = random.Random(seed if seed is not None else mesh._next_seed())
         self.pick = PickContext(rng=self.rng)
         self.source = mesh.source_id
-        self.channels = ChannelSet(self.open_channel)
+        self.channels: EndpointResources[ChannelKey, Any] = EndpointResources(
+            self.open_channel, _channel_endpoint
+        )
         self.mirror_lock = threading.Lock()
         self.mirrors_in_flight = 0
         self.closed = False
@@ -552,16 +498,16 @@ class ChannelCore:
         if hold.limits is not None:
             hold.limits.release()
         if self.channels.release(hold.entry):
-            self.close_channel(hold.entry.channel)
+            self.close_channel(hold.entry.resource)
 
     @staticmethod
-    def callable(entry: _Entry, spec: CallSpec, upstream: Upstream | None) -> Any:
+    def callable(entry: Entry[Any], spec: CallSpec, upstream: Upstream | None) -> Any:
         """The endpoint channel's multi-callable for ``spec`` (made once per channel)."""
         path = spec.method if upstream is None or upstream.path is None else upstream.path
         key = spec if path is spec.method else (spec, path)
-        found = entry.callables.get(key)
+        found = entry.cache.get(key)
         if found is None:
-            make = getattr(entry.channel, spec.shape)
+            make = getattr(entry.resource, spec.shape)
             if spec.registered:
                 found = make(
                     path,
@@ -575,7 +521,7 @@ class ChannelCore:
                     request_serializer=spec.request_serializer,
                     response_deserializer=spec.response_deserializer,
                 )
-            entry.callables[key] = found
+            entry.cache[key] = found
         return found
 
     # -- mirroring (unary calls)

@@ -22,7 +22,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -40,6 +40,7 @@ from inmesh.resilience.limits import EndpointLimits
 from inmesh.resilience.retry import Failure, Outcome
 from inmesh.routing import apply_header_ops
 from inmesh.testing.faults import OVERLAY, CallRecord
+from inmesh.transports._resources import EndpointResources, Entry
 from inmesh.transports._watchdog import Timer, watchdog
 
 if TYPE_CHECKING:
@@ -134,67 +135,13 @@ def _local_response(reply: LocalReply) -> httpx.Response:
     return httpx.Response(reply.status, headers=headers, content=f"{reply.reason}\n".encode())
 
 
-class _Pool:
-    """One endpoint's connection pool, and how many of its responses are still open."""
-
-    __slots__ = ("active", "pool", "retired")
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-        self.active = 0
-        self.retired = False
-
-
 # (scheme, address, port, the cluster's connectionPool settings): clusters with different
 # pool settings for one endpoint (subsets) get pools of their own.
 PoolKey = tuple[str, str, int, ConnectionPoolSettings | None]
 
 
-class _PoolSet:
-    """Per-endpoint pools with retirement; the bookkeeping runs under a lock, I/O after it."""
-
-    def __init__(self, factory: Callable[[ConnectionPoolSettings | None], Any]) -> None:
-        self._factory = factory
-        self._pools: dict[PoolKey, _Pool] = {}
-        self._lock = threading.Lock()
-        self.version = -1
-
-    def acquire(self, key: PoolKey) -> _Pool:
-        with self._lock:
-            entry = self._pools.get(key)
-            if entry is None or entry.retired:
-                entry = self._pools[key] = _Pool(self._factory(key[3]))
-            entry.active += 1
-            return entry
-
-    def release(self, entry: _Pool) -> bool:
-        """Count a response closed; True if the pool is now retired and idle (close it)."""
-        with self._lock:
-            entry.active -= 1
-            return entry.retired and entry.active == 0
-
-    def retire(self, keep: frozenset[EndpointKey], version: int) -> list[Any]:
-        """Retire pools of departed endpoints; return those idle now, to be closed."""
-        with self._lock:
-            if version <= self.version:
-                return []
-            self.version = version
-            idle = []
-            for key, entry in list(self._pools.items()):
-                if (key[1], key[2]) not in keep:
-                    del self._pools[key]
-                    entry.retired = True
-                    if entry.active == 0:
-                        idle.append(entry.pool)
-            return idle
-
-    def drain(self) -> list[Any]:
-        with self._lock:
-            pools = [e.pool for e in self._pools.values()]
-            for entry in self._pools.values():
-                entry.retired = True
-            self._pools.clear()
-            return pools
+def _pool_endpoint(key: PoolKey) -> EndpointKey:
+    return (key[1], key[2])
 
 
 class _Failed(NamedTuple):
@@ -210,7 +157,9 @@ class _Hold:
 
     __slots__ = ("entry", "limits", "stats", "timer")
 
-    def __init__(self, entry: _Pool, stats: EndpointStats, limits: EndpointLimits | None) -> None:
+    def __init__(
+        self, entry: Entry[Any], stats: EndpointStats, limits: EndpointLimits | None
+    ) -> None:
         self.entry = entry
         self.stats = stats
         self.limits = limits
@@ -575,7 +524,9 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
 
     def __init__(self, mesh: Mesh, **options: Any) -> None:
         super().__init__(mesh, **options)
-        self._pools = _PoolSet(lambda s: httpcore.ConnectionPool(**self._pool_options(s)))
+        self._pools: EndpointResources[PoolKey, Any] = EndpointResources(
+            lambda key: httpcore.ConnectionPool(**self._pool_options(key[3])), _pool_endpoint
+        )
         self._passthrough: httpx.HTTPTransport | None = None
         self._mirror_pool: ThreadPoolExecutor | None = None
 
@@ -619,7 +570,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         hold.stats.begin()
         deadline = None if send.timeout is None else time.monotonic() + send.timeout
         try:
-            response = hold.entry.pool.handle_request(exchange.core_request)
+            response = hold.entry.resource.handle_request(exchange.core_request)
         except BaseException as exc:
             self._release(hold)
             if not isinstance(exc, Exception):
@@ -642,7 +593,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         if hold.limits is not None:
             hold.limits.release()
         if self._pools.release(hold.entry):
-            hold.entry.pool.close()
+            hold.entry.resource.close()
 
     def _pass_through(self, request: httpx.Request, view: _View) -> httpx.Response:
         injection = self._passthrough_fault(view)
@@ -677,7 +628,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             exchange = _Exchange(request, shadow, endpoint, 1, 5.0, shadow=True)
             entry = self._pools.acquire(exchange.key)
             try:
-                response = entry.pool.handle_request(exchange.core_request)
+                response = entry.resource.handle_request(exchange.core_request)
                 try:
                     for _ in response.stream:
                         pass
@@ -685,7 +636,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
                     response.close()
             finally:
                 if self._pools.release(entry):
-                    entry.pool.close()
+                    entry.resource.close()
         except Exception as exc:
             log.debug("mirror of %s failed: %s", request.url, exc)
         finally:
@@ -764,7 +715,9 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
 
     def __init__(self, mesh: Mesh, **options: Any) -> None:
         super().__init__(mesh, **options)
-        self._pools = _PoolSet(lambda s: httpcore.AsyncConnectionPool(**self._pool_options(s)))
+        self._pools: EndpointResources[PoolKey, Any] = EndpointResources(
+            lambda key: httpcore.AsyncConnectionPool(**self._pool_options(key[3])), _pool_endpoint
+        )
         self._passthrough: httpx.AsyncHTTPTransport | None = None
         self._mirror_tasks: set[asyncio.Task[None]] = set()
 
@@ -809,10 +762,10 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         deadline = None if send.timeout is None else time.monotonic() + send.timeout
         try:
             if send.timeout is None:  # a cancel scope costs tens of µs: only when needed
-                response = await hold.entry.pool.handle_async_request(exchange.core_request)
+                response = await hold.entry.resource.handle_async_request(exchange.core_request)
             else:
                 with anyio.fail_after(send.timeout):
-                    response = await hold.entry.pool.handle_async_request(exchange.core_request)
+                    response = await hold.entry.resource.handle_async_request(exchange.core_request)
         except BaseException as exc:
             # A cancellation too must give back what the attempt holds (limits above all).
             with anyio.CancelScope(shield=True):
@@ -833,7 +786,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         if hold.limits is not None:
             hold.limits.release()
         if self._pools.release(hold.entry):
-            await hold.entry.pool.aclose()
+            await hold.entry.resource.aclose()
 
     async def _pass_through(self, request: httpx.Request, view: _View) -> httpx.Response:
         injection = self._passthrough_fault(view)
@@ -871,7 +824,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             entry = self._pools.acquire(exchange.key)
             try:
                 with anyio.fail_after(5.0):
-                    response = await entry.pool.handle_async_request(exchange.core_request)
+                    response = await entry.resource.handle_async_request(exchange.core_request)
                     try:
                         async for _ in response.stream:
                             pass
@@ -879,7 +832,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
                         await response.aclose()
             finally:
                 if self._pools.release(entry):
-                    await entry.pool.aclose()
+                    await entry.resource.aclose()
         except Exception as exc:
             log.debug("mirror of %s failed: %s", request.url, exc)
         finally:
