@@ -92,8 +92,10 @@ class _View:
         return self._request.headers.get("host") or f"{self.host}:{self.port}"
 
     def header(self, name: str) -> str | None:
-        value: str | None = self._request.headers.get(name)
-        return value
+        # get_list, not get: most lookups (route matches, x-envoy-* probes) miss, and get
+        # pays for raising and catching a KeyError on every miss.
+        values = self._request.headers.get_list(name)
+        return ", ".join(values) if values else None
 
 
 _EXCEPTIONS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
