@@ -239,10 +239,6 @@ class Snapshot:
     # service(host), route_table(host) and rule(host) are the indexes' own lookups, bound
     # in __init__: they run on every request, and a wrapper method would add a call.
 
-    def knows(self, host: str) -> bool:
-        """Whether the mesh handles this host (a service or a VirtualService names it)."""
-        return self._services.get(host) is not None or self._routes.get(host) is not None
-
     @property
     def clusters(self) -> Sequence[Cluster]:
         return tuple(self._clusters.values())
