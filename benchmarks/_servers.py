@@ -1,7 +1,9 @@
-"""Loopback upstreams in their own processes, so the client under test has the GIL alone."""
+"""Shared benchmark helpers: loopback upstreams in their own processes (so the client under
+test has the GIL alone), and the paired-round ratio report."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,3 +31,26 @@ def upstream_processes(*names: str, fast: bool = True) -> Iterator[list[int]]:
         for p in processes:
             p.terminate()
             p.wait(5)
+
+
+def paired_ratio(mesh_ts: list[float], bare_ts: list[float]) -> tuple[float, float, float]:
+    """The median and interquartile range of each round's mesh/bare ratio: rounds are run
+    in alternation, so the machine's slow and fast phases cancel out in the pair."""
+    ratios = sorted(m / b for m, b in zip(mesh_ts, bare_ts, strict=True))
+    return statistics.median(ratios), ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+
+
+def print_pairs(results: dict[str, list[tuple[float, float]]], flavours: tuple[str, ...]) -> None:
+    """One line per flavour and measure (wall, client CPU): medians and the paired ratio."""
+    for flavour in flavours:
+        for index, what in ((0, "wall"), (1, "client CPU")):
+            bare_ts = [t[index] for t in results[f"{flavour} bare"]]
+            mesh_ts = [t[index] for t in results[f"{flavour} mesh"]]
+            bare_t, mesh_t = statistics.median(bare_ts), statistics.median(mesh_ts)
+            ratio, low, high = paired_ratio(mesh_ts, bare_ts)
+            print(
+                f"  {flavour:5} {what:10}  bare {bare_t * 1e6:7.1f} µs"
+                f"   mesh {mesh_t * 1e6:7.1f} µs"
+                f"   ratio {ratio:.3f}x (IQR {low:.3f}-{high:.3f})"
+                f"   ({(mesh_t - bare_t) * 1e6:+.1f} µs)"
+            )

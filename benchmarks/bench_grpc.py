@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from _servers import print_pairs
 from inmesh import Mesh
 from inmesh.registry import MemoryRegistry
 from inmesh.transports.grpc import MeshChannel
@@ -158,20 +158,7 @@ def run(port: int, calls: int, rounds: int) -> None:
 
     print(f"{calls} unary calls x {rounds} rounds, alternating; median per call")
     print("  (client CPU: this thread's CPU time; grpcio's own threads are not counted)")
-    for flavour in ("sync", "aio"):
-        for index, what in ((0, "wall"), (1, "client CPU")):
-            bare_ts = [t[index] for t in results[f"{flavour} bare"]]
-            mesh_ts = [t[index] for t in results[f"{flavour} mesh"]]
-            bare_t, mesh_t = statistics.median(bare_ts), statistics.median(mesh_ts)
-            # The ratio of each round's pair, so slow phases of the machine cancel out.
-            ratios = sorted(m / b for m, b in zip(mesh_ts, bare_ts, strict=True))
-            low, high = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-            print(
-                f"  {flavour:5} {what:10}  bare {bare_t * 1e6:7.1f} µs"
-                f"   mesh {mesh_t * 1e6:7.1f} µs"
-                f"   ratio {statistics.median(ratios):.3f}x (IQR {low:.3f}-{high:.3f})"
-                f"   ({(mesh_t - bare_t) * 1e6:+.1f} µs)"
-            )
+    print_pairs(results, ("sync", "aio"))
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import time
 from collections.abc import Iterator
 
 import httpcore
 import httpx
 
-from _servers import upstream_processes
+from _servers import print_pairs, upstream_processes
 from inmesh import Mesh
 from inmesh.registry import MemoryRegistry
 
@@ -185,20 +184,7 @@ def main() -> None:
 
     print(f"{args.requests} requests x {args.rounds} rounds, alternating; median per request")
     print("  (client CPU: this thread's CPU time, insensitive to the upstreams' scheduling)")
-    for flavour in ("sync", "async"):
-        for index, what in ((0, "wall"), (1, "client CPU")):
-            bare_ts = [t[index] for t in results[f"{flavour} bare"]]
-            mesh_ts = [t[index] for t in results[f"{flavour} mesh"]]
-            bare_t, mesh_t = statistics.median(bare_ts), statistics.median(mesh_ts)
-            # The ratio of each round's pair, so slow phases of the machine cancel out.
-            ratios = sorted(m / b for m, b in zip(mesh_ts, bare_ts, strict=True))
-            low, high = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-            print(
-                f"  {flavour:5} {what:10}  bare {bare_t * 1e6:7.1f} µs"
-                f"   mesh {mesh_t * 1e6:7.1f} µs"
-                f"   ratio {statistics.median(ratios):.3f}x (IQR {low:.3f}-{high:.3f})"
-                f"   ({(mesh_t - bare_t) * 1e6:+.1f} µs)"
-            )
+    print_pairs(results, ("sync", "async"))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from contextlib import ExitStack, contextmanager
 
 import httpx
 
-from _servers import upstream_processes
+from _servers import paired_ratio, upstream_processes
 from bench_http import Timing, per_request_async, per_request_sync
 from inmesh import Mesh
 from inmesh.registry import MemoryRegistry
@@ -304,11 +304,10 @@ def part_c(requests: int, rounds: int) -> None:
             line = f"    {flavour:5} {what:10}  bare {statistics.median(bare_ts) * 1e6:6.1f} µs"
             for kind in ("mesh", "full"):
                 ts = [pick(t) for t in results[f"{flavour} {kind}"]]
-                ratios = sorted(m / b for m, b in zip(ts, bare_ts, strict=True))
-                low, high = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+                ratio, low, high = paired_ratio(ts, bare_ts)
                 line += (
                     f"   {kind} {statistics.median(ts) * 1e6:6.1f} µs"
-                    f" {statistics.median(ratios):.2f}x ({low:.2f}-{high:.2f})"
+                    f" {ratio:.2f}x ({low:.2f}-{high:.2f})"
                 )
             print(line)
     print("    (ratios: median of each round's mesh/bare pair, interquartile range in brackets)")

@@ -1,4 +1,5 @@
-"""Per-endpoint resources (httpcore pools, grpcio channels) with retirement.
+"""Per-endpoint resources (httpcore pools, grpcio channels) with retirement, and the
+bound on mirrored requests in flight: the bookkeeping both adapters share.
 
 Each endpoint gets its own resource, so one slow endpoint cannot take what another
 needs. When an endpoint leaves the registry its resource is retired: no new calls get
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from inmesh.endpoints import EndpointKey
 
-__all__ = ["EndpointResources", "Entry"]
+if TYPE_CHECKING:
+    from inmesh.state import MeshState
+
+__all__ = ["EndpointResources", "Entry", "MirrorGate"]
 
 K = TypeVar("K")
 R = TypeVar("R")
@@ -87,3 +91,31 @@ class EndpointResources(Generic[K, R]):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+class MirrorGate:
+    """The bound on mirrored requests in flight, shared by the HTTP and gRPC adapters:
+    a copy beyond ``limit`` is dropped, and both outcomes are counted in ``MeshState``."""
+
+    def __init__(self, state: MeshState) -> None:
+        self._state = state
+        self.lock = threading.Lock()
+        self.in_flight = 0
+
+    def admit(self, limit: int, *, replayable: bool = True) -> bool:
+        """Room for one more copy? (A body that cannot be sent twice cannot be copied.)"""
+        with self.lock:
+            if replayable and self.in_flight < limit:
+                self.in_flight += 1
+                self._state.mirrors_sent += 1
+                return True
+            self._state.mirrors_dropped += 1
+            return False
+
+    def done(self, *, sent: bool = True) -> None:
+        """A copy ended; ``sent=False``: it was admitted but never went out (count a drop)."""
+        with self.lock:
+            self.in_flight -= 1
+            if not sent:
+                self._state.mirrors_sent -= 1
+                self._state.mirrors_dropped += 1

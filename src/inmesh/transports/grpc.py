@@ -60,7 +60,7 @@ from inmesh.plan import LocalReply, Plan, Upstream, plan
 from inmesh.resilience.limits import EndpointLimits
 from inmesh.resilience.retry import Failure, Outcome
 from inmesh.testing.faults import OVERLAY, CallRecord
-from inmesh.transports._resources import EndpointResources, Entry
+from inmesh.transports._resources import EndpointResources, Entry, MirrorGate
 from inmesh.transports._watchdog import Timer, watchdog
 
 if TYPE_CHECKING:
@@ -382,8 +382,7 @@ class ChannelCore:
         self.channels: EndpointResources[ChannelKey, Any] = EndpointResources(
             self.open_channel, _channel_endpoint
         )
-        self.mirror_lock = threading.Lock()
-        self.mirrors_in_flight = 0
+        self.mirrors = MirrorGate(mesh.state)
         self.closed = False
 
     # -- grpcio channels (the flavour's own)
@@ -527,24 +526,16 @@ class ChannelCore:
     # -- mirroring (unary calls)
 
     def mirror_admit(self, snapshot: Snapshot) -> bool:
-        state = self.mesh.state
-        with self.mirror_lock:
-            if self.mirrors_in_flight < snapshot.mesh_config.mirror_max_in_flight:
-                self.mirrors_in_flight += 1
-                state.mirrors_sent += 1
-                return True
-            state.mirrors_dropped += 1
-            return False
+        return self.mirrors.admit(snapshot.mesh_config.mirror_max_in_flight)
 
     def mirror_done(self) -> None:
-        with self.mirror_lock:
-            self.mirrors_in_flight -= 1
+        self.mirrors.done()
 
     def mirror_hold(self, upstream: Upstream) -> Hold | None:
         """The endpoint channel a mirrored copy goes to, held; None when there is none."""
         cluster = upstream.mirror
         assert cluster is not None
-        endpoint = cluster.balancer.pick(PickContext(rng=random.Random()))
+        endpoint = cluster.balancer.pick(self.pick)
         if endpoint is None:
             return None
         authority = _shadow(upstream.authority or self.authority)

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import random
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,7 @@ from inmesh.resilience.limits import EndpointLimits
 from inmesh.resilience.retry import Failure, Outcome
 from inmesh.routing import apply_header_ops
 from inmesh.testing.faults import OVERLAY, CallRecord
-from inmesh.transports._resources import EndpointResources, Entry
+from inmesh.transports._resources import EndpointResources, Entry, MirrorGate
 from inmesh.transports._watchdog import Timer, watchdog
 
 if TYPE_CHECKING:
@@ -351,8 +350,7 @@ class _TransportBase:
         self._rng = random.Random(seed)
         self._pick = PickContext(rng=self._rng)  # the context of every pick without a hash key
         self._source = mesh.source_id
-        self._mirror_lock = threading.Lock()
-        self._mirrors_in_flight = 0
+        self._mirrors = MirrorGate(mesh.state)
 
     def _pool_options(self, settings: ConnectionPoolSettings | None) -> dict[str, Any]:
         if self._ssl_context is None:
@@ -445,27 +443,6 @@ class _TransportBase:
         response: httpx.Response = outcome
         return response
 
-    def _mirror_admit(self, snapshot: Snapshot, request: httpx.Request) -> bool:
-        """Room for one more mirrored request? Overflow is dropped and counted."""
-        state = self._mesh.state
-        with self._mirror_lock:
-            if (
-                _replayable(request)
-                and self._mirrors_in_flight < snapshot.mesh_config.mirror_max_in_flight
-            ):
-                self._mirrors_in_flight += 1
-                state.mirrors_sent += 1
-                return True
-            state.mirrors_dropped += 1
-            return False
-
-    def _mirror_done(self, *, sent: bool = True) -> None:
-        with self._mirror_lock:
-            self._mirrors_in_flight -= 1
-            if not sent:
-                self._mesh.state.mirrors_sent -= 1
-                self._mesh.state.mirrors_dropped += 1
-
     def _deliver(
         self,
         request: httpx.Request,
@@ -548,7 +525,10 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             while True:
                 if isinstance(command, Send):
                     if mirror is not None:  # with the first attempt, as Envoy's router does
-                        if self._mirror_admit(snapshot, request):
+                        if self._mirrors.admit(
+                            snapshot.mesh_config.mirror_max_in_flight,
+                            replayable=_replayable(request),
+                        ):
                             self._mirror(request, decision)
                         mirror = None
                     command = flow.send(self._attempt(request, decision, command))
@@ -614,7 +594,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
 
     def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
         if self._mirror_pool is None:
-            with self._mirror_lock:
+            with self._mirrors.lock:
                 if self._mirror_pool is None:
                     self._mirror_pool = ThreadPoolExecutor(8, thread_name_prefix="inmesh-mirror")
         self._mirror_pool.submit(self._send_mirror, request, upstream)
@@ -623,7 +603,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         try:
             cluster = upstream.mirror
             assert cluster is not None
-            endpoint = cluster.balancer.pick(PickContext(rng=random.Random()))
+            endpoint = cluster.balancer.pick(self._pick)
             if endpoint is None:
                 return
             shadow = upstream._replace(cluster=cluster, response_ops=())
@@ -642,7 +622,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         except Exception as exc:
             log.debug("mirror of %s failed: %s", request.url, exc)
         finally:
-            self._mirror_done()
+            self._mirrors.done()
 
     def close(self) -> None:
         if self._mirror_pool is not None:
@@ -739,7 +719,10 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             while True:
                 if isinstance(command, Send):
                     if mirror is not None:  # with the first attempt, as Envoy's router does
-                        if self._mirror_admit(snapshot, request):
+                        if self._mirrors.admit(
+                            snapshot.mesh_config.mirror_max_in_flight,
+                            replayable=_replayable(request),
+                        ):
                             self._mirror(request, decision)
                         mirror = None
                     command = flow.send(await self._attempt(request, decision, command))
@@ -809,7 +792,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         try:
             task = asyncio.get_running_loop().create_task(self._send_mirror(request, upstream))
         except RuntimeError:  # not on asyncio (trio): mirroring is asyncio-only
-            self._mirror_done(sent=False)
+            self._mirrors.done(sent=False)
             return
         self._mirror_tasks.add(task)  # keep a reference until it ends
         task.add_done_callback(self._mirror_tasks.discard)
@@ -818,7 +801,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         try:
             cluster = upstream.mirror
             assert cluster is not None
-            endpoint = cluster.balancer.pick(PickContext(rng=random.Random()))
+            endpoint = cluster.balancer.pick(self._pick)
             if endpoint is None:
                 return
             shadow = upstream._replace(cluster=cluster, response_ops=())
@@ -838,7 +821,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         except Exception as exc:
             log.debug("mirror of %s failed: %s", request.url, exc)
         finally:
-            self._mirror_done()
+            self._mirrors.done()
 
     async def aclose(self) -> None:
         for task in list(self._mirror_tasks):
