@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from inmesh.balancing import Balancer, build_balancer
 from inmesh.config.model import (
@@ -208,6 +208,9 @@ class _HostIndex(Generic[T]):
         return None
 
 
+_RESOLVED_CAP: Final = 4096
+
+
 class Snapshot:
     """One immutable view of the mesh configuration, compiled for one caller."""
 
@@ -232,6 +235,7 @@ class Snapshot:
         self.route_table: Callable[[str], RouteTable | None] = routes.get
         self.rule: Callable[[str], DestinationRule | None] = rules.get
         self._clusters = clusters
+        self._resolved: dict[tuple[int, str, int], tuple[Destination | None, Cluster]] = {}
         self.endpoint_keys: frozenset[EndpointKey] = frozenset(
             e.key for c in clusters.values() for e in c.endpoints
         )
@@ -247,6 +251,22 @@ class Snapshot:
         self, destination: Destination | None, host: str, request_port: int
     ) -> Cluster | NoRoute:
         """The cluster a destination (or, with none, the requested host itself) names."""
+        # Memoized: every request resolves, and the answer only changes with the snapshot.
+        # Keyed by the destination's identity, which is cheaper to hash than its value;
+        # the entry holds the destination, so the identity cannot pass to another object.
+        # Bounded, because the request port is the caller's to choose.
+        key = (id(destination), host, request_port)
+        found = self._resolved.get(key)
+        if found is not None:
+            return found[1]
+        cluster = self._resolve(destination, host, request_port)
+        if isinstance(cluster, Cluster) and len(self._resolved) < _RESOLVED_CAP:
+            self._resolved[key] = (destination, cluster)
+        return cluster
+
+    def _resolve(
+        self, destination: Destination | None, host: str, request_port: int
+    ) -> Cluster | NoRoute:
         if destination is not None:
             host, subset, port_number = destination.host, destination.subset, destination.port
         else:

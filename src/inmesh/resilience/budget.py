@@ -74,7 +74,10 @@ class _Window:
         return bucket
 
     def add(self, now: float) -> None:
-        self._counts[self._advance(now) % _BUCKETS] += 1
+        bucket = int(now / self._slice)  # floor: the clock is never negative
+        if bucket != self._newest:  # a new bucket: drop the expired ones first
+            bucket = self._advance(now)
+        self._counts[bucket % _BUCKETS] += 1
         self._total += 1
 
     def total(self, now: float) -> int:
@@ -169,8 +172,9 @@ class RatioBudget:
 
     def deposit(self, now: float) -> None:
         """An original request was made (once per call)."""
+        window = self._deposits
         with self._lock:
-            self._deposits.add(now)
+            window.add(now)
 
     def balance(self, now: float) -> float:
         """Retries still allowed in the current window (may be fractional)."""

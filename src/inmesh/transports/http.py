@@ -72,7 +72,7 @@ class RouteInfo(NamedTuple):
 class _View:
     """``RequestView`` over an ``httpx.Request``, computing each attribute once, on demand."""
 
-    __slots__ = ("_request", "host", "method", "path", "port", "query", "scheme")
+    __slots__ = ("_request", "host", "method", "path", "port", "query", "raw_path", "scheme")
 
     def __init__(self, request: httpx.Request) -> None:
         url = request.url
@@ -81,8 +81,8 @@ class _View:
         self.scheme = url.scheme
         self.host = url.host
         self.port = url.port or _DEFAULT_PORTS.get(self.scheme, 80)
-        raw = url.raw_path.decode("latin-1")
-        path, _, query = raw.partition("?")
+        self.raw_path = url.raw_path  # path and query, as sent
+        path, _, query = self.raw_path.decode("latin-1").partition("?")
         self.path = path
         self.query = query
 
@@ -91,10 +91,13 @@ class _View:
         return self._request.headers.get("host") or f"{self.host}:{self.port}"
 
     def header(self, name: str) -> str | None:
-        # get_list, not get: most lookups (route matches, x-envoy-* probes) miss, and get
-        # pays for raising and catching a KeyError on every miss.
-        values = self._request.headers.get_list(name)
-        return ", ".join(values) if values else None
+        # Most lookups (route matches, x-envoy-* probes) miss: ``in`` answers a miss with
+        # one scan, where ``get`` raises and catches a KeyError and ``get_list`` builds a
+        # list (each several times the cost).
+        headers = self._request.headers
+        if name not in headers:
+            return None
+        return ", ".join(headers.get_list(name))
 
 
 _EXCEPTIONS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
@@ -238,7 +241,16 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
+_OUTCOMES = tuple(Outcome(status) for status in range(600))
+
+
+def _status_outcome(status: int) -> Outcome:
+    """The outcome of an answer: built once per status code, not once per attempt."""
+    return _OUTCOMES[status] if 0 <= status < 600 else Outcome(status)
+
+
 _COUNTS = tuple(str(n).encode() for n in range(10))
+_SCHEMES = {"http": b"http", "https": b"https"}
 _NO_PHASES: frozenset[str] = frozenset()
 
 
@@ -258,21 +270,20 @@ class _Exchange:
     def __init__(
         self,
         request: httpx.Request,
+        view: _View,
         upstream: Upstream,
-        endpoint: Endpoint,
-        attempt: int,
-        timeout: float | None,
+        send: Send,
         *,
         shadow: bool = False,
     ) -> None:
-        url = request.url
-        scheme = url.scheme
+        endpoint, attempt, timeout, _ = send
+        scheme = view.scheme
         cluster = upstream.cluster
         pool = cluster.policy.connection_pool
         self.key: PoolKey = (scheme, endpoint.address, endpoint.port, pool)
         headers = request.headers.raw  # a fresh list on every access: ours to extend
         if upstream.authority is not None or shadow:
-            authority = upstream.authority.encode() if upstream.authority else url.netloc
+            authority = upstream.authority.encode() if upstream.authority else request.url.netloc
             headers = [(k, v) for k, v in headers if k.lower() != b"host"]
             headers.insert(0, (b"Host", _shadow(authority) if shadow else authority))
         for ops in upstream.request_ops:
@@ -301,12 +312,12 @@ class _Exchange:
             extensions["timeout"] = limits
             if scheme == "https":
                 # Verify the upstream's certificate against the logical host, not the address.
-                extensions["sni_hostname"] = _hostname(upstream.authority) or url.host
-        target = url.raw_path if upstream.path is None else upstream.path.encode()
+                extensions["sni_hostname"] = _hostname(upstream.authority) or view.host
+        target = view.raw_path if upstream.path is None else upstream.path.encode()
         self.core_request = httpcore.Request(
             method=request.method,
             url=httpcore.URL(
-                scheme=url.raw_scheme,
+                scheme=_SCHEMES.get(scheme) or scheme.encode("ascii"),
                 host=endpoint.address.encode(),
                 port=endpoint.port,
                 target=target,
@@ -315,7 +326,7 @@ class _Exchange:
             content=request.stream,
             extensions=extensions,
         )
-        self._host = url.host
+        self._host = view.host
         self.cluster = cluster.name
         self._endpoint = endpoint
 
@@ -351,6 +362,7 @@ class _TransportBase:
         self._pick = PickContext(rng=self._rng)  # the context of every pick without a hash key
         self._source = mesh.source_id
         self._mirrors = MirrorGate(mesh.state)
+        self._stats = mesh.stats
 
     def _pool_options(self, settings: ConnectionPoolSettings | None) -> dict[str, Any]:
         if self._ssl_context is None:
@@ -452,7 +464,7 @@ class _TransportBase:
         snapshot: Snapshot,
     ) -> httpx.Response:
         result = finish.result
-        if OVERLAY.recording:
+        if OVERLAY.active and OVERLAY.recording:
             status = None
             if finish.reply is not None:
                 status = finish.reply.status
@@ -529,9 +541,9 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
                             snapshot.mesh_config.mirror_max_in_flight,
                             replayable=_replayable(request),
                         ):
-                            self._mirror(request, decision)
+                            self._mirror(request, view, decision)
                         mirror = None
-                    command = flow.send(self._attempt(request, decision, command))
+                    command = flow.send(self._attempt(request, view, decision, command))
                 elif isinstance(command, Wait):
                     time.sleep(command.seconds)
                     command = flow.send(time.monotonic())
@@ -543,12 +555,12 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             finish: Finish = stop.value
         return self._deliver(request, view, decision, finish, snapshot)
 
-    def _attempt(self, request: httpx.Request, upstream: Upstream, send: Send) -> Attempted:
+    def _attempt(
+        self, request: httpx.Request, view: _View, upstream: Upstream, send: Send
+    ) -> Attempted:
         endpoint = send.endpoint
-        exchange = _Exchange(request, upstream, endpoint, send.attempt, send.timeout)
-        hold = _Hold(
-            self._pools.acquire(exchange.key), self._mesh.stats.get(endpoint.key), send.limits
-        )
+        exchange = _Exchange(request, view, upstream, send)
+        hold = _Hold(self._pools.acquire(exchange.key), self._stats.get(endpoint.key), send.limits)
         hold.stats.begin()
         deadline = None if send.timeout is None else time.monotonic() + send.timeout
         try:
@@ -566,7 +578,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         reply = self._respond(
             upstream, response.status, response.headers, stream, response.extensions
         )
-        return Attempted(Outcome(response.status), reply, time.monotonic())
+        return Attempted(_status_outcome(response.status), reply, time.monotonic())
 
     def _release(self, hold: _Hold) -> None:
         if hold.timer is not None:
@@ -592,14 +604,14 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             self._passed(view, injection, exc)
         return self._passed(view, injection, response)
 
-    def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
+    def _mirror(self, request: httpx.Request, view: _View, upstream: Upstream) -> None:
         if self._mirror_pool is None:
             with self._mirrors.lock:
                 if self._mirror_pool is None:
                     self._mirror_pool = ThreadPoolExecutor(8, thread_name_prefix="inmesh-mirror")
-        self._mirror_pool.submit(self._send_mirror, request, upstream)
+        self._mirror_pool.submit(self._send_mirror, request, view, upstream)
 
-    def _send_mirror(self, request: httpx.Request, upstream: Upstream) -> None:
+    def _send_mirror(self, request: httpx.Request, view: _View, upstream: Upstream) -> None:
         try:
             cluster = upstream.mirror
             assert cluster is not None
@@ -607,7 +619,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             if endpoint is None:
                 return
             shadow = upstream._replace(cluster=cluster, response_ops=())
-            exchange = _Exchange(request, shadow, endpoint, 1, 5.0, shadow=True)
+            exchange = _Exchange(request, view, shadow, Send(endpoint, 1, 5.0, None), shadow=True)
             entry = self._pools.acquire(exchange.key)
             try:
                 response = entry.resource.handle_request(exchange.core_request)
@@ -723,9 +735,9 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
                             snapshot.mesh_config.mirror_max_in_flight,
                             replayable=_replayable(request),
                         ):
-                            self._mirror(request, decision)
+                            self._mirror(request, view, decision)
                         mirror = None
-                    command = flow.send(await self._attempt(request, decision, command))
+                    command = flow.send(await self._attempt(request, view, decision, command))
                 elif isinstance(command, Wait):
                     await anyio.sleep(command.seconds)
                     command = flow.send(time.monotonic())
@@ -737,12 +749,12 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             finish: Finish = stop.value
         return self._deliver(request, view, decision, finish, snapshot)
 
-    async def _attempt(self, request: httpx.Request, upstream: Upstream, send: Send) -> Attempted:
+    async def _attempt(
+        self, request: httpx.Request, view: _View, upstream: Upstream, send: Send
+    ) -> Attempted:
         endpoint = send.endpoint
-        exchange = _Exchange(request, upstream, endpoint, send.attempt, send.timeout)
-        hold = _Hold(
-            self._pools.acquire(exchange.key), self._mesh.stats.get(endpoint.key), send.limits
-        )
+        exchange = _Exchange(request, view, upstream, send)
+        hold = _Hold(self._pools.acquire(exchange.key), self._stats.get(endpoint.key), send.limits)
         hold.stats.begin()
         deadline = None if send.timeout is None else time.monotonic() + send.timeout
         try:
@@ -764,7 +776,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         reply = self._respond(
             upstream, response.status, response.headers, stream, response.extensions
         )
-        return Attempted(Outcome(response.status), reply, time.monotonic())
+        return Attempted(_status_outcome(response.status), reply, time.monotonic())
 
     async def _release(self, hold: _Hold) -> None:
         hold.stats.end()
@@ -788,16 +800,18 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             self._passed(view, injection, exc)
         return self._passed(view, injection, response)
 
-    def _mirror(self, request: httpx.Request, upstream: Upstream) -> None:
+    def _mirror(self, request: httpx.Request, view: _View, upstream: Upstream) -> None:
         try:
-            task = asyncio.get_running_loop().create_task(self._send_mirror(request, upstream))
+            task = asyncio.get_running_loop().create_task(
+                self._send_mirror(request, view, upstream)
+            )
         except RuntimeError:  # not on asyncio (trio): mirroring is asyncio-only
             self._mirrors.done(sent=False)
             return
         self._mirror_tasks.add(task)  # keep a reference until it ends
         task.add_done_callback(self._mirror_tasks.discard)
 
-    async def _send_mirror(self, request: httpx.Request, upstream: Upstream) -> None:
+    async def _send_mirror(self, request: httpx.Request, view: _View, upstream: Upstream) -> None:
         try:
             cluster = upstream.mirror
             assert cluster is not None
@@ -805,7 +819,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             if endpoint is None:
                 return
             shadow = upstream._replace(cluster=cluster, response_ops=())
-            exchange = _Exchange(request, shadow, endpoint, 1, 5.0, shadow=True)
+            exchange = _Exchange(request, view, shadow, Send(endpoint, 1, 5.0, None), shadow=True)
             entry = self._pools.acquire(exchange.key)
             try:
                 with anyio.fail_after(5.0):
