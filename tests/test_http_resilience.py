@@ -72,6 +72,10 @@ def get_once(mesh: Mesh, mode: str, **client_options: object) -> httpx.Response:
         async with mesh.async_client(**client_options) as client:
             return await client.get(URL)
 
+    if mode == "trio":  # the async transport off asyncio: anyio's scopes, not asyncio's
+        import trio
+
+        return trio.run(run)
     return asyncio.run(run())
 
 
@@ -82,7 +86,7 @@ def attempt_counts(upstream: Upstream) -> list[str]:
 # ------------------------------------------------------------------------------ timeouts
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "trio"])
 def test_route_timeout_answers_504(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
 ) -> None:
@@ -91,7 +95,7 @@ def test_route_timeout_answers_504(
     slow.behave(delay=5)
     mesh = make_mesh(service_yaml("reviews", [slow]), vs("    timeout: 0.3s"))
     started = time.monotonic()
-    response = send(mesh, mode, URL)
+    response = get_once(mesh, mode)
     assert response.status_code == 504
     assert response.text.strip() == "upstream request timeout"
     assert time.monotonic() - started < 4  # cut long before the upstream's 5 s
@@ -113,7 +117,7 @@ def test_timeout_header_and_caller_timeout_tighter_wins(
         get_once(mesh, mode, timeout=0.2)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "trio"])
 def test_trickled_body_is_cut_at_the_deadline(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
 ) -> None:

@@ -19,27 +19,50 @@ __all__ = ["Timer", "Watchdog", "watchdog"]
 
 
 class Timer:
-    __slots__ = ("callback", "cancelled", "deadline")
+    __slots__ = ("callback", "deadline", "owner")
 
-    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+    def __init__(self, deadline: float, callback: Callable[[], None], owner: Watchdog) -> None:
         self.deadline = deadline
-        self.callback = callback
-        self.cancelled = False
+        self.callback: Callable[[], None] | None = callback
+        self.owner = owner
+
+    @property
+    def cancelled(self) -> bool:
+        return self.callback is None
 
     def cancel(self) -> None:
-        self.cancelled = True  # the heap entry stays; the thread skips it
+        """Never fire. The callback (and all it holds: a response, its connection) is let
+        go at once; the heap entry goes when the thread or a compaction reaches it."""
+        if self.callback is not None:
+            self.callback = None
+            self.owner._cancelled()
 
 
 class Watchdog:
+    """One daemon thread firing timers at their deadlines.
+
+    Most timers are cancelled long before they fire (an attempt's deadline is seconds
+    away; its response is read in microseconds), so cancelled entries are counted and the
+    heap is rebuilt without them once they are the majority: the heap stays about as
+    large as the number of timers live, rather than one per request of the last deadline.
+    """
+
+    _COMPACT_AT = 256  # cancelled entries before a rebuild is worth its O(n)
+
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Timer]] = []
         self._counter = itertools.count()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._dead = 0  # cancelled entries still in the heap
+
+    def __len__(self) -> int:
+        """Entries in the heap, cancelled ones included (for tests and benchmarks)."""
+        return len(self._heap)
 
     def arm(self, deadline: float, callback: Callable[[], None]) -> Timer:
         """Call ``callback`` at ``deadline`` (time.monotonic) unless cancelled first."""
-        timer = Timer(deadline, callback)
+        timer = Timer(deadline, callback, self)
         with self._wake:
             heapq.heappush(self._heap, (deadline, next(self._counter), timer))
             if self._thread is None:
@@ -51,23 +74,35 @@ class Watchdog:
                 self._wake.notify()
         return timer
 
+    def _cancelled(self) -> None:
+        with self._wake:
+            self._dead += 1
+            heap = self._heap
+            if self._dead >= self._COMPACT_AT and self._dead * 2 >= len(heap):
+                heap[:] = [entry for entry in heap if entry[2].callback is not None]
+                heapq.heapify(heap)
+                self._dead = 0
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._heap or self._heap[0][2].cancelled:
-                    if self._heap:
-                        heapq.heappop(self._heap)
+                heap = self._heap
+                while not heap or heap[0][2].callback is None:
+                    if heap:
+                        heapq.heappop(heap)
+                        self._dead = max(0, self._dead - 1)
                         continue
                     self._wake.wait()
-                deadline, _, timer = self._heap[0]
+                deadline, _, timer = heap[0]
                 delay = deadline - time.monotonic()
                 if delay > 0:
                     self._wake.wait(delay)
                     continue
-                heapq.heappop(self._heap)
-            if not timer.cancelled:
+                heapq.heappop(heap)
+                callback, timer.callback = timer.callback, None
+            if callback is not None:
                 with contextlib.suppress(Exception):  # a failed cut must not stop the thread
-                    timer.callback()
+                    callback()
 
 
 watchdog = Watchdog()

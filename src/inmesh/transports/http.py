@@ -167,7 +167,7 @@ class _Hold:
         self.entry = entry
         self.stats = stats
         self.limits = limits
-        self.timer: Timer | None = None
+        self.timer: Timer | asyncio.TimerHandle | None = None
 
 
 _PHASES = (
@@ -646,6 +646,30 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             self._passthrough.close()
 
 
+def _cut(response: Any) -> bool:
+    """Shut down the socket under ``response``, so that a read blocked on it returns at
+    once; False when it cannot be done (HTTP/2: the socket carries other streams, which
+    are left to the per-read timeout)."""
+    extensions = response.extensions
+    if extensions.get("http_version") == b"HTTP/2":
+        return False
+    stream = extensions.get("network_stream")
+    sock = None if stream is None else stream.get_extra_info("socket")
+    if sock is None:
+        return False
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    return True
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop this task runs on; None under another event loop (trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class _Stream(httpx.SyncByteStream):
     """The response body: reading it counts against the attempt's deadline; closing it
     releases what the attempt held."""
@@ -670,14 +694,7 @@ class _Stream(httpx.SyncByteStream):
 
     def cut(self) -> None:
         """The deadline passed: unblock any read by shutting the socket down."""
-        if self._response.extensions.get("http_version") == b"HTTP/2":
-            return  # the socket carries other streams: leave it to the per-read timeout
-        self._cut = True
-        stream = self._response.extensions.get("network_stream")
-        sock = None if stream is None else stream.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        self._cut = _cut(self._response)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -756,12 +773,17 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         exchange = _Exchange(request, view, upstream, send)
         hold = _Hold(self._pools.acquire(exchange.key), self._stats.get(endpoint.key), send.limits)
         hold.stats.begin()
-        deadline = None if send.timeout is None else time.monotonic() + send.timeout
+        timeout = send.timeout
+        loop = None if timeout is None else _running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if send.timeout is None:  # a cancel scope costs tens of µs: only when needed
+            if timeout is None:
                 response = await hold.entry.resource.handle_async_request(exchange.core_request)
+            elif loop is not None:  # asyncio's own timeout costs a third of anyio's scope
+                async with asyncio.timeout(timeout):
+                    response = await hold.entry.resource.handle_async_request(exchange.core_request)
             else:
-                with anyio.fail_after(send.timeout):
+                with anyio.fail_after(timeout):
                     response = await hold.entry.resource.handle_async_request(exchange.core_request)
         except BaseException as exc:
             # A cancellation too must give back what the attempt holds (limits above all).
@@ -772,13 +794,27 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             return Attempted(
                 _outcome(exc, exchange.mesh_phases), _Failed(exc, exchange.where), time.monotonic()
             )
-        stream = _AsyncStream(response, self, hold, exchange, request, deadline=deadline)
+        # On asyncio over HTTP/1.1, one timer bounds the whole body, as the sync transport's
+        # watchdog does: at the deadline the socket is shut down and the read in progress
+        # fails at once. Elsewhere (trio; HTTP/2, whose socket carries other streams) each
+        # read gets a scope of its own.
+        if (
+            loop is not None
+            and deadline is not None
+            and response.extensions.get("http_version") != b"HTTP/2"
+        ):
+            stream = _AsyncStream(response, self, hold, exchange, request, deadline=None)
+            hold.timer = loop.call_later(max(0.0, deadline - time.monotonic()), stream.cut)
+        else:
+            stream = _AsyncStream(response, self, hold, exchange, request, deadline=deadline)
         reply = self._respond(
             upstream, response.status, response.headers, stream, response.extensions
         )
         return Attempted(_status_outcome(response.status), reply, time.monotonic())
 
     async def _release(self, hold: _Hold) -> None:
+        if hold.timer is not None:
+            hold.timer.cancel()
         hold.stats.end()
         if hold.limits is not None:
             hold.limits.release()
@@ -851,6 +887,7 @@ class _AsyncStream(httpx.AsyncByteStream):
 
     __slots__ = (
         "_closed",
+        "_cut",
         "_deadline",
         "_exchange",
         "_hold",
@@ -874,8 +911,13 @@ class _AsyncStream(httpx.AsyncByteStream):
         self._hold = hold
         self._exchange = exchange
         self._request = request
-        self._deadline = deadline
+        self._deadline = deadline  # set when reads need a scope each (not on asyncio)
         self._closed = False
+        self._cut = False
+
+    def cut(self) -> None:
+        """The deadline passed (asyncio's timer): unblock any read by shutting the socket."""
+        self._cut = _cut(self._response)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -896,6 +938,10 @@ class _AsyncStream(httpx.AsyncByteStream):
                 f"{TIMEOUT_BODY} ({self._exchange.where})", request=self._request
             ) from exc
         except Exception as exc:
+            if self._cut:
+                raise httpx.ReadTimeout(
+                    f"{TIMEOUT_BODY} ({self._exchange.where})", request=self._request
+                ) from exc
             error = _translate(exc, self._request, self._exchange.where)
             if error is None:
                 raise
