@@ -1,0 +1,54 @@
+"""The deadline watchdog of the sync transport: timers fire, cancelled ones let go."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+from inmesh.transports._watchdog import Watchdog
+
+
+class _Held:
+    """Stands for the response a deadline timer's callback keeps alive."""
+
+    def cut(self) -> None:
+        pass
+
+
+def test_a_timer_fires_at_its_deadline() -> None:
+    dog = Watchdog()
+    fired = threading.Event()
+    armed = time.monotonic()
+    dog.arm(armed + 0.05, fired.set)
+    assert fired.wait(5.0)
+    assert time.monotonic() - armed >= 0.05
+
+
+def test_a_cancelled_timer_never_fires_and_lets_go_of_its_callback() -> None:
+    dog = Watchdog()
+    fired = threading.Event()
+    held = _Held()
+    ref = weakref.ref(held)
+    timer = dog.arm(time.monotonic() + 0.05, held.cut)
+    later = dog.arm(time.monotonic() + 0.2, fired.set)  # proves the thread went past it
+    timer.cancel()
+    assert timer.cancelled
+    del held
+    gc.collect()
+    assert ref() is None  # the heap entry no longer keeps the response alive
+    assert fired.wait(5.0)
+    assert later.cancelled  # fired timers count as done
+
+
+def test_cancelled_timers_do_not_pile_up() -> None:
+    """Sequential requests each arm a timer seconds ahead and cancel it at once: the heap
+    stays near the number of live timers, not one entry per request."""
+    dog = Watchdog()
+    far = time.monotonic() + 3600
+    live = dog.arm(far, _Held().cut)
+    for _ in range(5000):
+        dog.arm(far, _Held().cut).cancel()
+    assert len(dog) <= 2 * Watchdog._COMPACT_AT
+    assert not live.cancelled
