@@ -371,6 +371,14 @@ class HTTPSettings:
 class ConnectionPoolSettings:
     tcp: TCPSettings = field(default_factory=TCPSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
+    # Part of the transports' per-endpoint pool keys, hashed on every request: hashed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.tcp, self.http)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -201,6 +201,10 @@ class OutlierDetector:
         ``max_ejection_percent``). True if the ejected set changed during this call (an
         ejection, or a return that fell due).
         """
+        if result is Result.SUCCESS and now < self._next_sweep and key not in self._hosts:
+            # Most attempts: a success of an endpoint with nothing against it, no sweep
+            # due. Lock-free reads; a failure recorded concurrently orders after this.
+            return False
         with self._lock:
             changed = self._sweep(now)
             host = self._hosts.get(key)

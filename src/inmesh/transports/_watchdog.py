@@ -35,7 +35,13 @@ class Timer:
         go at once; the heap entry goes when the thread or a compaction reaches it."""
         if self.callback is not None:
             self.callback = None
-            self.owner._cancelled()
+            owner = self.owner
+            # Counted without the lock: the count only decides when to compact, and a lost
+            # increment just delays that.
+            owner._dead += 1
+            dead = owner._dead
+            if dead >= owner._COMPACT_AT and dead * 2 >= len(owner._heap):
+                owner._compact()
 
 
 class Watchdog:
@@ -52,7 +58,8 @@ class Watchdog:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Timer]] = []
         self._counter = itertools.count()
-        self._wake = threading.Condition()
+        self._lock = threading.Lock()  # taken directly: a Condition's own `with` is Python
+        self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._dead = 0  # cancelled entries still in the heap
 
@@ -63,7 +70,7 @@ class Watchdog:
     def arm(self, deadline: float, callback: Callable[[], None]) -> Timer:
         """Call ``callback`` at ``deadline`` (time.monotonic) unless cancelled first."""
         timer = Timer(deadline, callback, self)
-        with self._wake:
+        with self._lock:
             heapq.heappush(self._heap, (deadline, next(self._counter), timer))
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -74,18 +81,17 @@ class Watchdog:
                 self._wake.notify()
         return timer
 
-    def _cancelled(self) -> None:
-        with self._wake:
-            self._dead += 1
+    def _compact(self) -> None:
+        with self._lock:
             heap = self._heap
-            if self._dead >= self._COMPACT_AT and self._dead * 2 >= len(heap):
+            if self._dead * 2 >= len(heap):
                 heap[:] = [entry for entry in heap if entry[2].callback is not None]
                 heapq.heapify(heap)
                 self._dead = 0
 
     def _run(self) -> None:
         while True:
-            with self._wake:
+            with self._lock:
                 heap = self._heap
                 while not heap or heap[0][2].callback is None:
                     if heap:

@@ -252,6 +252,11 @@ def _status_outcome(status: int) -> Outcome:
 _COUNTS = tuple(str(n).encode() for n in range(10))
 _SCHEMES = {"http": b"http", "https": b"https"}
 _NO_PHASES: frozenset[str] = frozenset()
+_PHASE_BITS = ((1, "connect"), (2, "read"), (4, "write"), (8, "pool"))
+# Every set of phases the mesh's deadline can set, made once: indexed by a bit mask.
+_PHASE_SETS = tuple(
+    frozenset(phase for bit, phase in _PHASE_BITS if mask & bit) for mask in range(16)
+)
 
 
 def _shadow(authority: bytes) -> bytes:
@@ -300,13 +305,13 @@ class _Exchange:
             limits = dict(caller)
             if timeout is not None:
                 # The tighter of the caller's timeout and the mesh's wins, per operation.
-                phases = []
-                for phase in ("connect", "read", "write", "pool"):
+                mask = 0
+                for bit, phase in _PHASE_BITS:
                     own = caller.get(phase)
                     if own is None or timeout < own:
                         limits[phase] = timeout
-                        phases.append(phase)
-                self.mesh_phases = frozenset(phases)
+                        mask |= bit
+                self.mesh_phases = _PHASE_SETS[mask]
             if connect is not None and (limits.get("connect") or connect + 1) > connect:
                 limits["connect"] = connect
             extensions["timeout"] = limits
