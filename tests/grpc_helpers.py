@@ -6,16 +6,25 @@ anything else unary-unary. Answers name the server (``b"ratings-v1|/pkg.Svc/Get|
 name, method, attempt count), so a test sees where each call went. It records each call's
 method, metadata and authority, and misbehaves on request: ``fail_next(n, code)`` fails
 the next n calls with a status, ``delay`` holds each answer, ``messages`` and
-``fail_after`` shape response streams.
+``fail_after`` shape response streams; ``initial_metadata`` and ``trailing_metadata`` are
+sent with every call. Given server credentials it serves TLS.
+
+``TcpRelay`` is a loopback TCP listener that counts the connections it accepts and those
+the client closes: it relays them to a server, or (without one) holds them silent,
+never answering the HTTP/2 handshake — a connection attempt that cannot complete.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -26,6 +35,7 @@ class Call:
     method: str
     metadata: dict[str, str]
     authority: str
+    binary: dict[str, bytes] = field(default_factory=dict)  # the -bin metadata
 
 
 class _Handler(grpc.GenericRpcHandler):
@@ -47,13 +57,15 @@ class _Handler(grpc.GenericRpcHandler):
 class GrpcUpstream:
     """A threaded gRPC server on an ephemeral loopback port."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, credentials: grpc.ServerCredentials | None = None) -> None:
         self.name = name
         self.address = "127.0.0.1"
         self.calls: list[Call] = []
         self.delay = 0.0
         self.messages = 3
         self.fail_after: int | None = None  # a stream fails after this many messages
+        self.initial_metadata: tuple[tuple[str, str | bytes], ...] = ()
+        self.trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
         self._failures: list[tuple[grpc.StatusCode, str]] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -62,7 +74,10 @@ class GrpcUpstream:
             handlers=[_Handler(self)],
             options=[("grpc.so_reuseport", 0)],
         )
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        if credentials is None:
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self._server.add_secure_port("127.0.0.1:0", credentials)
 
     def start(self) -> GrpcUpstream:
         self._server.start()
@@ -80,13 +95,18 @@ class GrpcUpstream:
 
     def _begin(self, context: grpc.ServicerContext) -> tuple[str, str]:
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        binary = {k: v for k, v in context.invocation_metadata() if isinstance(v, bytes)}
         call_details = context._rpc_event.call_details  # grpcio keeps :authority only here
         method = call_details.method.decode()
         with self._lock:
-            self.calls.append(Call(method, metadata, call_details.host.decode()))
+            self.calls.append(Call(method, metadata, call_details.host.decode(), binary))
             failure = self._failures.pop(0) if self._failures else None
         if self.delay:
             self._stopping.wait(self.delay)
+        if self.initial_metadata:
+            context.send_initial_metadata(self.initial_metadata)
+        if self.trailing_metadata:
+            context.set_trailing_metadata(self.trailing_metadata)
         if failure is not None:
             context.abort(*failure)
         return method, metadata.get("x-envoy-attempt-count", "")
@@ -115,6 +135,109 @@ class GrpcUpstream:
             yield self._answer(method, attempt, b"|" + request)
 
 
+class TcpRelay:
+    """A loopback TCP listener that relays each connection to ``127.0.0.1:target``, or
+    without a target accepts and holds it silent. ``accepted`` and ``closed`` (by the
+    client) count connections; ``stop()`` closes everything."""
+
+    def __init__(self, target: int | None = None, name: str = "relay") -> None:
+        self.name = name
+        self.address = "127.0.0.1"
+        self.target = target
+        self.accepted = 0
+        self.closed = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._stopped = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # stopped
+                return
+            ends = [client]
+            if self.target is not None:
+                try:
+                    ends.append(socket.create_connection(("127.0.0.1", self.target), timeout=5))
+                except OSError:
+                    client.close()
+                    continue
+                ends[1].settimeout(None)
+            with self._lock:
+                if self._stopped:
+                    for end in ends:
+                        end.close()
+                    return
+                self.accepted += 1
+                self._sockets.extend(ends)
+            if len(ends) == 2:
+                threading.Thread(target=self._pump, args=ends, daemon=True).start()
+                threading.Thread(target=self._pump, args=ends[::-1], daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            if source in self._sockets:  # the first side to end closes both
+                self._sockets.remove(source)
+                self._sockets.remove(sink)
+                if source.getsockname()[1] == self.port:  # the client's side ended
+                    self.closed += 1
+            else:
+                return
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            sockets, self._sockets = self._sockets, []
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._listener.close()
+        for end in sockets:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+
+def self_signed(host: str) -> tuple[bytes, bytes]:
+    """A fresh key and a self-signed certificate for ``host`` (its SAN), both PEM."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
 def name_of(answer: bytes) -> str:
     """The server that produced an answer."""
     return answer.split(b"|", 1)[0].decode()
@@ -130,9 +253,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return predicate()
 
 
+async def async_wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """``wait_for`` that lets the event loop run while it polls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
 def service_yaml(
     host: str,
-    upstreams: list[GrpcUpstream],
+    upstreams: Sequence[GrpcUpstream | TcpRelay],
     *,
     port: int = 9090,
     labels: list[dict[str, str]] | None = None,

@@ -1,8 +1,9 @@
 """The gRPC adapter against real grpc servers on 127.0.0.1, sync and aio.
 
-Routing, balancing, local replies, deadlines, retries, circuit breaking, outlier
-detection, faults and mirroring configured in Istio's YAML and observed on real calls;
-all four call shapes; a generated stub working unchanged. Servers speak raw bytes
+Routing, balancing, local replies (redirects included), response header edits, deadlines,
+retries, circuit breaking, connection-pool timeouts, outlier detection, faults and
+mirroring configured in Istio's YAML and observed on real calls; all four call shapes;
+TLS to the logical host name; a generated stub working unchanged. Servers speak raw bytes
 (``tests/grpc_helpers.py``). Elapsed times are only compared with a server delay several
 times larger (a cut that happened at all), never used as performance figures.
 """
@@ -29,7 +30,15 @@ from inmesh.testing.faults import MeshFaults
 from inmesh.transports.grpc import MeshChannel
 from inmesh.transports.grpc_aio import MeshAioChannel
 
-from .grpc_helpers import GrpcUpstream, name_of, service_yaml, wait_for
+from .grpc_helpers import (
+    GrpcUpstream,
+    TcpRelay,
+    async_wait_for,
+    name_of,
+    self_signed,
+    service_yaml,
+    wait_for,
+)
 
 MODES = ["sync", "aio"]
 TARGET = "ratings:9090"
@@ -71,14 +80,29 @@ def servers() -> Iterator[Callable[..., list[GrpcUpstream]]]:
     """Start named gRPC servers; all are stopped when the test ends."""
     started: list[GrpcUpstream] = []
 
-    def start(*names: str) -> list[GrpcUpstream]:
-        new = [GrpcUpstream(name).start() for name in names]
+    def start(*names: str, credentials: grpc.ServerCredentials | None = None) -> list[GrpcUpstream]:
+        new = [GrpcUpstream(name, credentials).start() for name in names]
         started.extend(new)
         return new
 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def relays() -> Iterator[Callable[..., TcpRelay]]:
+    """Start loopback TCP relays (to a port), or silent listeners; stopped after the test."""
+    started: list[TcpRelay] = []
+
+    def start(target: int | None = None) -> TcpRelay:
+        relay = TcpRelay(target)
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop()
 
 
 @pytest.fixture
@@ -108,12 +132,14 @@ def unary(
     method: str = GET,
     timeout: float | None = None,
     target: str = TARGET,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: tuple[tuple[str, Any], ...] = (),
 ) -> list[Result]:
     """Make unary calls through a fresh sync or aio mesh channel; errors are returned."""
     specs = [(method, [])] * calls if isinstance(calls, int) else calls
     if mode == "sync":
         results: list[Result] = []
-        with MeshChannel(mesh, target) as channel:
+        with MeshChannel(mesh, target, credentials=credentials, options=options) as channel:
             for path, metadata in specs:
                 try:
                     results.append(
@@ -125,7 +151,9 @@ def unary(
 
     async def run() -> list[Result]:
         out: list[Result] = []
-        async with MeshAioChannel(mesh, target) as channel:
+        async with MeshAioChannel(
+            mesh, target, credentials=credentials, options=options
+        ) as channel:
             for path, metadata in specs:
                 try:
                     out.append(
@@ -285,6 +313,123 @@ def test_local_errors_are_real_rpc_errors(make_mesh: Callable[..., Mesh], mode: 
     assert isinstance(error.__cause__, UpstreamError)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_redirect_is_unknown_and_says_where_it_points(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """A redirect route answers UNKNOWN, what a gRPC client makes of Envoy's 301 (a
+    trailers-only reply whose grpc-status maps 301 to UNKNOWN), with details and a
+    ``location`` trailer naming where it points; the upstream is never called."""
+    (up,) = servers("a")
+    mesh = make_mesh(
+        service_yaml("ratings", [up]),
+        vs(
+            http="""  - match: [{uri: {prefix: /ratings.Ratings/}}]
+    redirect: {uri: /ratings.v2.Ratings/Get}
+  - route: [{destination: {host: ratings}}]
+"""
+        ),
+    )
+    error = one(mesh, mode)
+    location = "http://ratings:9090/ratings.v2.Ratings/Get"
+    assert isinstance(error, grpc.RpcError)
+    assert (error.code(), error.details()) == (Code.UNKNOWN, f"redirect (301) to {location}")
+    assert ("location", location) in tuple(error.trailing_metadata())
+    assert isinstance(error.__cause__, UpstreamError)
+    assert location in str(error.__cause__)
+    assert up.calls == []
+
+
+# ------------------------------------------------------------------------------ response headers
+
+RESPONSE_EDITS = """    headers:
+      response:
+        set: {x-set: new}
+        add: {x-add: added, x-blob-bin: AAE}
+        remove: [x-drop]
+"""
+SERVER_HEADERS = (("x-set", "old"), ("x-drop", "gone"), ("x-keep", "kept"), ("x-add", "server"))
+# Removed, replaced, appended; the -bin value given in base64, as on the wire.
+EDITED = Counter(
+    [
+        ("x-keep", "kept"),
+        ("x-add", "server"),
+        ("x-set", "new"),
+        ("x-add", "added"),
+        ("x-blob-bin", b"\x00\x01"),
+    ]
+)
+
+
+def _edited_upstream(servers: Callable[..., list[GrpcUpstream]]) -> GrpcUpstream:
+    (up,) = servers("a")
+    up.initial_metadata = SERVER_HEADERS
+    up.trailing_metadata = (("x-drop", "trailer"),)
+    return up
+
+
+def test_response_header_operations_edit_initial_metadata_sync(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """headers.response set/add/remove edit the initial metadata the caller reads, for
+    every sync shape (with_call, future, both streams, stream-unary); the trailing metadata
+    stay as the server sent them (Envoy edits response headers, not trailers)."""
+    up = _edited_upstream(servers)
+    mesh = make_mesh(service_yaml("ratings", [up]), vs(RESPONSE_EDITS))
+    with MeshChannel(mesh, TARGET) as channel:
+        _, unary_call = channel.unary_unary(GET).with_call(b"", timeout=5)
+        future = channel.unary_unary(GET).future(b"", timeout=5)
+        future.result(timeout=5)
+        stream = channel.unary_stream("/ratings.Ratings/StreamAll")(b"", timeout=5)
+        _, upload = channel.stream_unary("/ratings.Ratings/Upload").with_call(iter([b"1"]))
+        chat = channel.stream_stream("/ratings.Ratings/Chat")(iter([b"p"]), timeout=5)
+        calls = [unary_call, future, stream, upload, chat]
+        assert [Counter(c.initial_metadata()) for c in calls] == [EDITED] * 5
+        assert [len(list(s)) for s in (stream, chat)] == [3, 1]
+        assert all(tuple(c.trailing_metadata()) == (("x-drop", "trailer"),) for c in calls)
+        assert isinstance(unary_call, grpc.Call) and unary_call.code() is Code.OK
+
+
+def test_request_header_operation_on_a_bin_key_sends_bytes(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """A request header operation on a ``-bin`` key takes its value in base64 (as on the
+    wire) and sends the bytes: grpcio refuses text for binary metadata."""
+    (up,) = servers("a")
+    mesh = make_mesh(
+        service_yaml("ratings", [up]),
+        vs("    headers:\n      request:\n        set: {x-trace-bin: AAE}\n"),
+    )
+    assert code(one(mesh, "sync", timeout=5)) is Code.OK
+    assert up.calls[0].binary == {"x-trace-bin": b"\x00\x01"}
+
+
+def test_response_header_operations_edit_initial_metadata_aio(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """The same edits under grpc.aio: ``await call.initial_metadata()`` of every shape
+    carries them, the trailing metadata do not."""
+    up = _edited_upstream(servers)
+    mesh = make_mesh(service_yaml("ratings", [up]), vs(RESPONSE_EDITS))
+
+    async def run() -> None:
+        async with MeshAioChannel(mesh, TARGET) as channel:
+            unary_call = channel.unary_unary(GET)(b"", timeout=5)
+            await unary_call
+            stream = channel.unary_stream("/ratings.Ratings/StreamAll")(b"", timeout=5)
+            assert len([m async for m in stream]) == 3
+            upload = channel.stream_unary("/ratings.Ratings/Upload")(iter([b"1"]), timeout=5)
+            await upload
+            chat = channel.stream_stream("/ratings.Ratings/Chat")(iter([b"p"]), timeout=5)
+            assert len([m async for m in chat]) == 1
+            calls = [unary_call, stream, upload, chat]
+            assert [Counter(await c.initial_metadata()) for c in calls] == [EDITED] * 4
+            for call in calls:
+                assert tuple(await call.trailing_metadata()) == (("x-drop", "trailer"),)
+
+    asyncio.run(run())
+
+
 # ------------------------------------------------------------------------------ deadlines
 
 
@@ -429,6 +574,133 @@ def test_overflow_is_unavailable_at_once(
         assert ("x-envoy-overloaded", "true") in caught.value.trailing_metadata()
         assert name_of(held.result(timeout=5)) == "slow"
     assert len(slow.calls) == 1
+
+
+CONNECT_TIMEOUT = "    connectionPool:\n      tcp: {connectTimeout: 0.2s}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_connect_timeout_fails_a_silent_endpoint_as_unavailable(
+    relays: Callable[..., TcpRelay], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """tcp.connectTimeout bounds the connection attempt: an endpoint that takes the TCP
+    connection and never answers the HTTP/2 handshake fails the call with UNAVAILABLE (a
+    connect failure, as Envoy's 503 maps) after about connectTimeout: long before the
+    call's own 10 s timeout, grpc's own 20 s connect timeout, and its 1 s (±20 %) initial
+    reconnect back-off, which would otherwise lengthen the attempt."""
+    silent = relays()
+    mesh = make_mesh(service_yaml("ratings", [silent]), dr(CONNECT_TIMEOUT))
+    started = time.monotonic()
+    error = one(mesh, mode, timeout=10)
+    assert time.monotonic() - started < 0.75
+    assert code(error) is Code.UNAVAILABLE
+    assert "failed to connect" in error.details()  # type: ignore[union-attr]
+    assert silent.accepted >= 1
+
+
+def test_connect_timeout_is_retried_on_another_endpoint(
+    servers: Callable[..., list[GrpcUpstream]],
+    relays: Callable[..., TcpRelay],
+    make_mesh: Callable[..., Mesh],
+) -> None:
+    """retryOn connect-failure: an attempt whose connection timed out is retried on the
+    other endpoint, so every call succeeds."""
+    (good,) = servers("good")
+    silent = relays()
+    mesh = make_mesh(
+        service_yaml("ratings", [silent, good]),
+        dr(CONNECT_TIMEOUT + "\n    loadBalancer: {simple: ROUND_ROBIN}"),
+        vs("    retries: {attempts: 2, retryOn: connect-failure}"),
+    )
+    results = unary(mesh, "sync", 2, timeout=10)
+    assert [name_of(r) for r in results] == ["good", "good"]  # type: ignore[arg-type]
+    assert silent.accepted >= 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_idle_timeout_closes_the_connection_and_the_next_call_reconnects(
+    servers: Callable[..., list[GrpcUpstream]],
+    relays: Callable[..., TcpRelay],
+    make_mesh: Callable[..., Mesh],
+    mode: str,
+) -> None:
+    """http.idleTimeout: a connection without calls for that long is closed by the client
+    (grpc's own idle default is 30 minutes), and the next call opens a new one."""
+    (up,) = servers("a")
+    relay = relays(up.port)
+    mesh = make_mesh(
+        service_yaml("ratings", [relay]), dr("    connectionPool:\n      http: {idleTimeout: 0.2s}")
+    )
+    if mode == "sync":
+        with MeshChannel(mesh, TARGET) as channel:
+            call = channel.unary_unary(GET)
+            assert name_of(call(b"", timeout=5)) == "a"
+            assert wait_for(lambda: relay.closed == 1, timeout=3)
+            assert name_of(call(b"", timeout=5)) == "a"
+    else:
+
+        async def run() -> None:
+            async with MeshAioChannel(mesh, TARGET) as channel:
+                call = channel.unary_unary(GET)
+                assert name_of(await call(b"", timeout=5)) == "a"
+                assert await async_wait_for(lambda: relay.closed == 1, timeout=3)
+                assert name_of(await call(b"", timeout=5)) == "a"
+
+        asyncio.run(run())
+    assert relay.accepted == 2
+
+
+def test_subsets_with_different_pool_settings_get_channels_of_their_own(
+    servers: Callable[..., list[GrpcUpstream]],
+    relays: Callable[..., TcpRelay],
+    make_mesh: Callable[..., Mesh],
+) -> None:
+    """Two subsets over one endpoint, one with an idleTimeout: each has a connection of
+    its own, and only the idle-timed one is closed and reopened."""
+    (up,) = servers("a")
+    relay = relays(up.port)
+    mesh = make_mesh(
+        service_yaml("ratings", [relay], labels=[{"version": "v1"}]),
+        dr(
+            subsets="""  subsets:
+  - {name: brief, labels: {version: v1}, trafficPolicy: {connectionPool: {http: {idleTimeout: 0.2s}}}}
+  - {name: plain, labels: {version: v1}}
+"""
+        ),
+        vs(
+            http="""  - match: [{uri: {prefix: /ratings.Admin/}}]
+    route: [{destination: {host: ratings, subset: brief}}]
+  - route: [{destination: {host: ratings, subset: plain}}]
+"""
+        ),
+    )
+    with MeshChannel(mesh, TARGET) as channel:
+        brief, plain = channel.unary_unary("/ratings.Admin/Get"), channel.unary_unary(GET)
+        assert [name_of(brief(b"", timeout=5)), name_of(plain(b"", timeout=5))] == ["a", "a"]
+        assert relay.accepted == 2
+        assert wait_for(lambda: relay.closed == 1, timeout=3)
+        plain(b"", timeout=5)
+        assert relay.accepted == 2  # the plain subset's connection stayed open
+        brief(b"", timeout=5)
+        assert relay.accepted == 3
+
+
+def test_callers_own_option_wins_over_the_pool_setting(
+    servers: Callable[..., list[GrpcUpstream]],
+    relays: Callable[..., TcpRelay],
+    make_mesh: Callable[..., Mesh],
+) -> None:
+    """An option the caller names wins over the one the mesh derives from the
+    DestinationRule: the caller's 200 ms idle timeout closes the connection, not the
+    rule's hour."""
+    (up,) = servers("a")
+    relay = relays(up.port)
+    mesh = make_mesh(
+        service_yaml("ratings", [relay]), dr("    connectionPool:\n      http: {idleTimeout: 1h}")
+    )
+    with MeshChannel(mesh, TARGET, options=(("grpc.client_idle_timeout_ms", 200),)) as channel:
+        assert name_of(channel.unary_unary(GET)(b"", timeout=5)) == "a"
+        assert wait_for(lambda: relay.closed == 1, timeout=3)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -694,6 +966,36 @@ def test_endpoint_channels_follow_the_registry(
         assert name_of(uu(b"")) == "new"
         assert name_of(in_flight.result(timeout=5)) == "old"
         assert len(channel._core.channels) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tls_checks_the_certificate_against_the_logical_host(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """With channel credentials, an endpoint channel to 127.0.0.1 accepts the server's
+    certificate for the logical host "ratings": grpc checks it against the channel's
+    authority (grpc.default_authority), not the address."""
+    key, certificate = self_signed("ratings")
+    (up,) = servers("tls", credentials=grpc.ssl_server_credentials([(key, certificate)]))
+    mesh = make_mesh(service_yaml("ratings", [up]))
+    trust = grpc.ssl_channel_credentials(root_certificates=certificate)
+    assert name_of(one(mesh, mode, credentials=trust, timeout=5)) == "tls"  # type: ignore[arg-type]
+    assert up.calls[0].authority == TARGET
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tls_refuses_a_certificate_for_another_name(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """A trusted certificate for another name ("reviews") fails the call with UNAVAILABLE:
+    the handshake fails, and no call reaches the server."""
+    key, certificate = self_signed("reviews")
+    (up,) = servers("tls", credentials=grpc.ssl_server_credentials([(key, certificate)]))
+    mesh = make_mesh(service_yaml("ratings", [up]))
+    trust = grpc.ssl_channel_credentials(root_certificates=certificate)
+    error = one(mesh, mode, credentials=trust, timeout=5)
+    assert code(error) is Code.UNAVAILABLE
+    assert up.calls == []
 
 
 def test_passthrough_for_a_host_outside_the_registry(

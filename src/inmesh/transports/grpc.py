@@ -8,10 +8,14 @@ and budgets. This module only drives that flow over grpcio.
 grpcio has no Python API for custom resolvers or balancers, so the mesh channel is a
 picking channel over **one grpcio channel per endpoint**, each with a local subchannel
 pool (so channels to one address do not silently share a connection), grpc's own
-retries off (the mesh decides), and ``grpc.default_authority`` set to the logical target
-(grpcio has no per-call authority), plus the caller's options and credentials. Endpoint
-channels open on first use and are retired when their endpoint leaves the registry,
-closing once their last call has finished.
+retries off (the mesh decides), ``grpc.default_authority`` set to the logical target
+(grpcio has no per-call authority; a secure channel also checks the server's certificate
+against it) and the cluster's DestinationRule ``connectionPool`` timeouts as grpcio's own
+options, plus the caller's options and credentials (an option the caller names wins).
+Clusters with different pool settings for one endpoint get channels of their own, as
+they get pools of their own over HTTP. Endpoint channels open on first use and are
+retired when their endpoint leaves the registry, closing once their last call has
+finished.
 
 Theory of operation, per call shape:
 
@@ -31,13 +35,19 @@ Errors reach the caller as real ``grpc.RpcError``s: the last attempt's own error
 upstream answered, else a local error (``_LocalRpcError``, also a ``grpc.Call``) whose
 ``code()`` is the gRPC status of the mesh's reply — no route: UNIMPLEMENTED; unknown subset,
 no endpoint, overflow: UNAVAILABLE; timeout: DEADLINE_EXCEEDED; fault abort: its
-``grpcStatus``, or its HTTP status mapped as Envoy maps HTTP to gRPC — with the mesh's
-reason chained as an ``UpstreamError``.
+``grpcStatus``, or its HTTP status mapped as Envoy maps HTTP to gRPC; redirect: UNKNOWN,
+the status a gRPC client makes of Envoy's 301 — with the mesh's reason chained as an
+``UpstreamError``.
+
+A route's response header operations edit the initial metadata the caller reads from a
+call the upstream answered (Envoy edits the response headers, not the trailers); an
+error is the upstream's own, unedited.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import logging
 import random
@@ -54,6 +64,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise MissingExtraError("gRPC channels", "grpc", "grpcio") from exc
 
 from inmesh.balancing import EndpointStats, PickContext
+from inmesh.config.model import ConnectionPoolSettings, HeaderOperations
 from inmesh.endpoints import Endpoint, EndpointKey
 from inmesh.flow import TIMEOUT_BODY, Attempted, Finish, Send, Wait, attempt_flow, fault_abort
 from inmesh.plan import LocalReply, Plan, Upstream, plan
@@ -94,6 +105,15 @@ _OWN_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.enable_retries", 0),  # the mesh retries; grpc's own would multiply attempts
 )
 _OWN_KEYS = frozenset(k for k, _ in _OWN_OPTIONS)
+# grpc core gives a connection attempt (TCP connect, TLS and the HTTP/2 handshake up to
+# the server's SETTINGS) until max(now + its reconnect back-off, now + its "min connect
+# timeout"), each floored at 100 ms (subchannel.cc). ``grpc.min_reconnect_backoff_ms``
+# is that min connect timeout despite its name; the back-off, ±20 % jitter included, is
+# kept below it so that it never lengthens an attempt.
+_BACKOFF_JITTER = 1.2
+_INITIAL_BACKOFF_MS = 1_000  # grpc core's own defaults
+_MAX_BACKOFF_MS = 120_000
+_MAX_INT32 = 2**31 - 1
 _OK = Outcome(200, grpc_status="OK")
 _COUNTS = tuple(str(n) for n in range(10))
 MIRROR_TIMEOUT = 5.0
@@ -167,17 +187,41 @@ def _shadow(authority: str) -> str:
     return f"{authority}-shadow"
 
 
-def _apply_ops(metadata: list[tuple[str, Any]], upstream: Upstream) -> list[tuple[str, Any]]:
-    """The route's request header operations on metadata (Envoy's order: remove, set, add)."""
-    for ops in upstream.request_ops:
+def _metadata_value(name: str, value: str) -> str | bytes:
+    """A header operation's value as metadata: a ``-bin`` key carries bytes, written in
+    base64 as on the wire (the form its matches see too); a value that is not base64 goes
+    as its UTF-8 bytes."""
+    if not name.endswith("-bin"):
+        return value
+    try:
+        return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+    except binascii.Error:
+        return value.encode()
+
+
+def edit_metadata(
+    metadata: list[tuple[str, Any]], operations: Sequence[HeaderOperations | None]
+) -> list[tuple[str, Any]]:
+    """Header operations on metadata, in Envoy's order: remove, set (replace), add. The
+    operations' names are lower-case already, as metadata keys are."""
+    for ops in operations:
         if ops is None:
             continue
         drop = set(ops.remove) | {name for name, _ in ops.set}
         if drop:
             metadata = [(k, v) for k, v in metadata if k.lower() not in drop]
-        metadata.extend((name.lower(), value) for name, value in ops.set)
-        metadata.extend((name.lower(), value) for name, value in ops.add)
+        metadata.extend((name, _metadata_value(name, value)) for name, value in ops.set)
+        metadata.extend((name, _metadata_value(name, value)) for name, value in ops.add)
     return metadata
+
+
+def edited_initial_metadata(metadata: Any, upstream: Upstream | None) -> Any:
+    """The initial metadata a caller sees of an answered call: the upstream's, with the
+    route's response header operations (Envoy edits the response headers, which carry
+    gRPC's initial metadata; the trailers are left alone)."""
+    if upstream is None or not upstream.response_ops:
+        return metadata
+    return tuple(edit_metadata(list(metadata or ()), upstream.response_ops))
 
 
 def attempt_metadata(metadata: Any, upstream: Upstream | None, attempt: int) -> Any:
@@ -187,7 +231,7 @@ def attempt_metadata(metadata: Any, upstream: Upstream | None, attempt: int) -> 
     metadata at all, which the benchmark's figures include."""
     sent = list(metadata) if metadata else []
     if upstream is not None and upstream.request_ops:
-        sent = _apply_ops(sent, upstream)
+        sent = edit_metadata(sent, upstream.request_ops)
     sent.append(("x-envoy-attempt-count", _COUNTS[attempt] if attempt < 10 else str(attempt)))
     return sent
 
@@ -223,8 +267,21 @@ def reply_code(reply: LocalReply) -> Any:
     return _HTTP_TO_GRPC.get(reply.status, _Code.UNKNOWN)
 
 
+def reply_details(reply: LocalReply) -> str:
+    """The details of a local reply: its reason; for a redirect, where it points."""
+    if reply.location is not None:
+        return f"{reply.reason} ({reply.status}) to {reply.location}"
+    return reply.reason
+
+
 def reply_trailers(reply: LocalReply) -> tuple[tuple[str, str], ...]:
-    return (("x-envoy-overloaded", "true"),) if reply.overloaded else ()
+    """Envoy answers a gRPC caller locally with a trailers-only response: its headers,
+    ``x-envoy-overloaded`` or a redirect's ``location``, are the trailing metadata."""
+    if reply.overloaded:
+        return (("x-envoy-overloaded", "true"),)
+    if reply.location is not None:
+        return (("location", reply.location),)
+    return ()
 
 
 class _LocalRpcError(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc]  # grpc is untyped
@@ -294,14 +351,73 @@ class _LocalRpcError(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[mis
         fn(self)
 
 
+class _EditedCall(grpc.Call, grpc.Future):  # type: ignore[misc]  # grpc is untyped
+    """An answered grpcio call (what ``with_call`` returns) whose initial metadata carry
+    the route's response header operations; everything else is the call's own."""
+
+    __slots__ = ("_call", "_upstream")
+
+    def __init__(self, call: Any, upstream: Upstream) -> None:
+        self._call = call
+        self._upstream = upstream
+
+    def initial_metadata(self) -> Any:
+        return edited_initial_metadata(self._call.initial_metadata(), self._upstream)
+
+    def trailing_metadata(self) -> Any:
+        return self._call.trailing_metadata()
+
+    def code(self) -> Any:
+        return self._call.code()
+
+    def details(self) -> Any:
+        return self._call.details()
+
+    def debug_error_string(self) -> Any:
+        return self._call.debug_error_string()
+
+    def is_active(self) -> bool:
+        return bool(self._call.is_active())
+
+    def time_remaining(self) -> float | None:
+        return self._call.time_remaining()  # type: ignore[no-any-return]
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return bool(self._call.add_callback(callback))
+
+    def cancel(self) -> bool:
+        return bool(self._call.cancel())
+
+    def cancelled(self) -> bool:
+        return bool(self._call.cancelled())
+
+    def running(self) -> bool:
+        return bool(self._call.running())
+
+    def done(self) -> bool:
+        return bool(self._call.done())
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._call.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._call.exception(timeout)
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._call.traceback(timeout)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self._call.add_done_callback(lambda _: fn(self))
+
+
 def local_error(reply: LocalReply, where: str) -> tuple[Any, UpstreamError]:
-    """The code, details and trailers of a local reply, and the mesh's reason for it."""
-    return reply_code(reply), UpstreamError(f"{where}: {reply.reason}")
+    """The code of a local reply, and the mesh's reason for it."""
+    return reply_code(reply), UpstreamError(f"{where}: {reply_details(reply)}")
 
 
 def _sync_local_error(reply: LocalReply, where: str) -> _LocalRpcError:
     code, reason = local_error(reply, where)
-    error = _LocalRpcError(code, reply.reason, reply_trailers(reply))
+    error = _LocalRpcError(code, reply_details(reply), reply_trailers(reply))
     error.__cause__ = reason
     return error
 
@@ -317,12 +433,41 @@ def cancelled_error() -> _LocalRpcError:
 # --------------------------------------------------------------------------- endpoint channels
 
 
-ChannelKey = tuple[str, int, str]  # (address, port, authority)
+# (address, port, authority, the cluster's connectionPool settings): clusters with
+# different pool settings for one endpoint (subsets) get channels of their own.
+ChannelKey = tuple[str, int, str, ConnectionPoolSettings | None]
 
 
 def _channel_endpoint(key: ChannelKey) -> EndpointKey | None:
     # Passthrough channels (to hosts outside the registry) carry an empty authority.
     return None if key[2] == "" else (key[0], key[1])
+
+
+def _millis(seconds: float) -> int:
+    return min(_MAX_INT32, max(1, round(seconds * 1000)))
+
+
+def pool_options(pool: ConnectionPoolSettings | None) -> list[tuple[str, int]]:
+    """A cluster's DestinationRule ``connectionPool`` timeouts as grpcio channel options.
+
+    ``tcp.connectTimeout`` bounds every connection attempt (grpc core's min connect
+    timeout, the back-off kept below it); ``http.idleTimeout`` is how long the channel
+    keeps its connection without calls (``grpc.client_idle_timeout_ms``: it then goes
+    IDLE, closes the connection, and reconnects on the next call), as Envoy closes an idle
+    upstream connection. As over HTTP, they apply whenever a ``connectionPool`` is set.
+    """
+    if pool is None:
+        return []
+    connect = _millis(pool.tcp.connect_timeout)
+    backoff = max(1, int(connect / _BACKOFF_JITTER))
+    options = [
+        ("grpc.min_reconnect_backoff_ms", connect),
+        ("grpc.initial_reconnect_backoff_ms", min(_INITIAL_BACKOFF_MS, backoff)),
+        ("grpc.max_reconnect_backoff_ms", min(_MAX_BACKOFF_MS, backoff)),
+    ]
+    if pool.http.idle_timeout is not None:
+        options.append(("grpc.client_idle_timeout_ms", _millis(pool.http.idle_timeout)))
+    return options
 
 
 class Hold:
@@ -394,12 +539,16 @@ class ChannelCore:
         raise NotImplementedError
 
     def open_channel(self, key: ChannelKey) -> Any:
-        address, port, authority = key
+        address, port, authority, pool = key
         if not authority:  # passthrough: the target as the caller named it
             return self.make_channel(self.target, list(self.options))
         options = [(k, v) for k, v in self.options if k not in _OWN_KEYS]
-        if not any(k == "grpc.default_authority" for k, _ in options):
-            options.append(("grpc.default_authority", authority))
+        given = {k for k, _ in options}  # the caller's own options win
+        defaults: list[tuple[str, Any]] = [
+            ("grpc.default_authority", authority),
+            *pool_options(pool),
+        ]
+        options.extend((k, v) for k, v in defaults if k not in given)
         return self.make_channel(address_target(address, port), [*_OWN_OPTIONS, *options])
 
     # -- planning
@@ -482,9 +631,14 @@ class ChannelCore:
     def hold(self, upstream: Upstream | None, send: Send) -> Hold:
         endpoint = send.endpoint
         if upstream is None:
-            key: ChannelKey = (endpoint.address, endpoint.port, "")
+            key: ChannelKey = (endpoint.address, endpoint.port, "", None)
         else:
-            key = (endpoint.address, endpoint.port, upstream.authority or self.authority)
+            key = (
+                endpoint.address,
+                endpoint.port,
+                upstream.authority or self.authority,
+                upstream.cluster.policy.connection_pool,
+            )
         hold = Hold(self.channels.acquire(key), self.mesh.stats.get(endpoint.key), send.limits)
         hold.stats.begin()
         return hold
@@ -539,7 +693,7 @@ class ChannelCore:
         if endpoint is None:
             return None
         authority = _shadow(upstream.authority or self.authority)
-        key = (endpoint.address, endpoint.port, authority)
+        key = (endpoint.address, endpoint.port, authority, cluster.policy.connection_pool)
         hold = Hold(self.channels.acquire(key), self.mesh.stats.get(endpoint.key), None)
         hold.stats.begin()
         return hold
@@ -859,7 +1013,11 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
             finish: Finish = stop.value
         finally:
             flow.close()
-        return core.deliver(view, upstream, finish)
+        result = core.deliver(view, upstream, finish)
+        if with_call and upstream is not None and upstream.response_ops:
+            response, call = result
+            return response, _EditedCall(call, upstream)
+        return result
 
     def _attempt(  # noqa: PLR0917 -- private, one call site
         self,
@@ -1106,6 +1264,8 @@ class _FlowFuture(grpc.Future, grpc.Call):  # type: ignore[misc]  # grpc is unty
 
     def initial_metadata(self) -> Any:
         call = self._finished_call()
+        if call is not None and call is self._call:  # answered: the route's edits apply
+            return edited_initial_metadata(call.initial_metadata(), self._upstream)
         return call.initial_metadata() if hasattr(call, "initial_metadata") else ()
 
     def trailing_metadata(self) -> Any:
@@ -1199,6 +1359,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]  # grpc is unty
         self._call: Any = None  # the delivered attempt's grpcio call
         self._first: Any = _NOTHING
         self._error: BaseException | None = None
+        self._upstream: Upstream | None = None  # the delivered attempt's plan
         self._pending: list[tuple[str, Any]] = []  # callbacks added before the start
 
     def _ensure(self) -> None:
@@ -1223,7 +1384,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]  # grpc is unty
         snapshot, view, decision = core.start(owner._spec.method, self._metadata)
         if isinstance(decision, LocalReply):
             return core.deliver(view, None, Finish(decision, None, 0, None))  # type: ignore[no-any-return]
-        upstream = upstream_of(decision)
+        upstream = self._upstream = upstream_of(decision)
         deadline = self._deadline
         flow = core.flow(snapshot, view, decision, replayable=owner._replayable, deadline=deadline)
         try:
@@ -1305,6 +1466,8 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]  # grpc is unty
 
     def initial_metadata(self) -> Any:
         target = self._target()
+        if self._error is None:  # answered: the route's response edits apply
+            return edited_initial_metadata(target.initial_metadata(), self._upstream)
         return target.initial_metadata() if hasattr(target, "initial_metadata") else ()
 
     def trailing_metadata(self) -> Any:

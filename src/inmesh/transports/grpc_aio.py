@@ -11,7 +11,8 @@ calls (unary-stream, stream-stream) count an attempt as answered at its first me
 retry only before it, after which reads go to that attempt's own grpc.aio call.
 Request-streaming calls are never retried; ``write()`` and ``done_writing()`` go to the
 attempt once it exists. Errors are ``grpc.aio.AioRpcError``s: the last attempt's own, or
-the mesh's local reply with its reason chained.
+the mesh's local reply with its reason chained. ``initial_metadata()`` of an answered
+call carries the route's response header operations, as the sync channel's do.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from inmesh.transports.grpc import (
     _Code,
     attempt_metadata,
     cancelled_details,
+    edited_initial_metadata,
     local_error,
     outcome_of,
+    reply_details,
     reply_trailers,
     upstream_of,
 )
@@ -74,12 +77,13 @@ class _AioCore(ChannelCore):
 
     def local_error(self, reply: LocalReply, upstream: Upstream | None) -> Any:
         code, reason = local_error(reply, self.where(upstream))
+        details = reply_details(reply)
         error = grpc.aio.AioRpcError(
             code,
             grpc.aio.Metadata(),
             grpc.aio.Metadata(*reply_trailers(reply)),
-            reply.reason,
-            f"inmesh: {reply.reason}",
+            details,
+            f"inmesh: {details}",
         )
         error.__cause__ = reason
         return error
@@ -302,6 +306,7 @@ class _AioCall:
         self._current: Any = None  # the attempt in flight (a grpc.aio call)
         self._call: Any = None  # the delivered attempt's call
         self._error: BaseException | None = None
+        self._upstream: Upstream | None = None  # the delivered attempt's plan
         self._cancelled = False
         # Writes (request streaming without an iterator) wait for the attempt to exist.
         self._ready: asyncio.Event | None = None
@@ -356,7 +361,7 @@ class _AioCall:
         snapshot, view, decision = core.start(owner._spec.method, self._metadata)
         if isinstance(decision, LocalReply):
             return core.deliver(view, None, Finish(decision, None, 0, None))
-        upstream = upstream_of(decision)
+        upstream = self._upstream = upstream_of(decision)
         if (
             upstream is not None
             and upstream.mirror is not None
@@ -426,7 +431,12 @@ class _AioCall:
         call = await self._finished()
         if isinstance(call, grpc.aio.AioRpcError):
             return call.initial_metadata()
-        return await call.initial_metadata()
+        metadata = await call.initial_metadata()
+        upstream = self._upstream
+        if upstream is None or not upstream.response_ops:
+            return metadata
+        # Answered: the route's response edits apply (to the headers, not the trailers).
+        return grpc.aio.Metadata(*edited_initial_metadata(metadata, upstream))
 
     async def trailing_metadata(self) -> Any:
         call = await self._finished()
