@@ -105,10 +105,8 @@ def fault_abort(status: int | None, grpc_status: str | None) -> LocalReply:
     return LocalReply(status or 500, FAULT_ABORT_BODY, grpc_status=grpc_status)
 
 
-def _header_timeout(request: RequestView) -> float | None:
-    raw = request.header("x-envoy-upstream-rq-timeout-ms")
-    if raw is None:
-        return None
+def _header_timeout(raw: str) -> float | None:
+    """``x-envoy-upstream-rq-timeout-ms`` in seconds; None if not a positive number."""
     try:
         millis = int(raw)
     except ValueError:
@@ -170,9 +168,11 @@ def attempt_flow(
         if retry.attempts <= 0:
             retry = None
         limit = None if route is None else route.timeout
-        asked = _header_timeout(request)
-        if asked is not None and (limit is None or asked < limit):
-            limit = asked
+        raw = request.header("x-envoy-upstream-rq-timeout-ms")
+        if raw is not None:
+            asked = _header_timeout(raw)
+            if asked is not None and (limit is None or asked < limit):
+                limit = asked
         if limit is not None:
             deadline = now + limit
     if caller_deadline is not None and (deadline is None or caller_deadline < deadline):

@@ -193,10 +193,16 @@ def _compile_match(spec: HTTPMatch, index: int, caller_labels: Mapping[str, str]
         conditions.append(("authority", lambda r: authority(r.authority)))
     if spec.uri is not None:
         # Istio ignores case for exact and prefix uri matches only, not for regexes.
-        uri = _string_matcher(
-            spec.uri, ignore_case=spec.ignore_uri_case and spec.uri.kind != "regex"
-        )
-        conditions.append(("uri", lambda r: uri(r.path)))
+        ignore_case = spec.ignore_uri_case and spec.uri.kind != "regex"
+        text = spec.uri.value
+        # The common uri matches test the path directly: one call fewer on every request.
+        if spec.uri.kind == "prefix" and not ignore_case:
+            conditions.append(("uri", lambda r: r.path.startswith(text)))
+        elif spec.uri.kind == "exact" and not ignore_case:
+            conditions.append(("uri", lambda r: r.path == text))
+        else:
+            uri = _string_matcher(spec.uri, ignore_case=ignore_case)
+            conditions.append(("uri", lambda r: uri(r.path)))
     for name, header in spec.headers.items():
         conditions.append((f"headers.{name}", _header_condition(name, header, invert=False)))
     for name, header in spec.without_headers.items():

@@ -173,8 +173,12 @@ class RatioBudget:
     def deposit(self, now: float) -> None:
         """An original request was made (once per call)."""
         window = self._deposits
+        bucket = int(now / window._slice)  # window.add, inlined: once per request
         with self._lock:
-            window.add(now)
+            if bucket != window._newest:
+                bucket = window._advance(now)
+            window._counts[bucket % _BUCKETS] += 1
+            window._total += 1
 
     def balance(self, now: float) -> float:
         """Retries still allowed in the current window (may be fractional)."""

@@ -241,12 +241,9 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
-_OUTCOMES = tuple(Outcome(status) for status in range(600))
-
-
-def _status_outcome(status: int) -> Outcome:
-    """The outcome of an answer: built once per status code, not once per attempt."""
-    return _OUTCOMES[status] if 0 <= status < 600 else Outcome(status)
+# The outcome of an answer, built once per status code rather than once per attempt.
+_STATUS_LIMIT = 1000
+_OUTCOMES = tuple(Outcome(status) for status in range(_STATUS_LIMIT))
 
 
 _COUNTS = tuple(str(n).encode() for n in range(10))
@@ -412,19 +409,19 @@ class _TransportBase:
             "local_address": self._local_address,
         }
 
-    def _start(self, request: httpx.Request) -> tuple[Snapshot, _View, Plan]:
+    def _start(self, request: httpx.Request) -> tuple[Snapshot, _View, Plan, Any]:
+        """The request's snapshot, view and plan; for an upstream, its attempt flow too
+        (else None). One call for all four: this runs for every request."""
         snapshot = self._mesh.snapshot
         view = _View(request)
-        return snapshot, view, plan(snapshot, view, self._rng, source=self._source)
-
-    def _flow(
-        self, snapshot: Snapshot, view: _View, upstream: Upstream, request: httpx.Request
-    ) -> Any:
+        decision = plan(snapshot, view, self._rng, source=self._source)
+        if not isinstance(decision, Upstream):
+            return snapshot, view, decision, None
         pick = self._pick
-        if upstream.hash_key is not None:
-            pick = PickContext(rng=self._rng, hash_key=upstream.hash_key)
-        return attempt_flow(
-            upstream,
+        if decision.hash_key is not None:
+            pick = PickContext(rng=self._rng, hash_key=decision.hash_key)
+        flow = attempt_flow(
+            decision,
             view,
             rng=self._rng,
             now=time.monotonic(),
@@ -432,6 +429,7 @@ class _TransportBase:
             mesh_config=snapshot.mesh_config,
             pick=pick,
         )
+        return snapshot, view, decision, flow
 
     def _passthrough_fault(self, view: _View) -> Any:
         if not OVERLAY.active:
@@ -505,14 +503,17 @@ class _TransportBase:
         )
         return result  # type: ignore[no-any-return]
 
-    def _respond(
-        self, upstream: Upstream, status: int, headers: Any, stream: Any, extensions: Any
-    ) -> httpx.Response:
+    def _respond(self, upstream: Upstream, response: Any, stream: Any) -> httpx.Response:
+        """The caller's response for an upstream's: its body read through ``stream``, and
+        the route's response header operations applied."""
+        headers = response.headers
         if upstream.response_ops:
             headers = list(headers)
             for ops in upstream.response_ops:
                 headers = apply_header_ops(headers, ops)
-        return httpx.Response(status, headers=headers, stream=stream, extensions=extensions)
+        return httpx.Response(
+            response.status, headers=headers, stream=stream, extensions=response.extensions
+        )
 
 
 class MeshTransport(_TransportBase, httpx.BaseTransport):
@@ -527,7 +528,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         self._mirror_pool: ThreadPoolExecutor | None = None
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        snapshot, view, decision = self._start(request)
+        snapshot, view, decision, flow = self._start(request)
         if snapshot.version != self._pools.version:
             for pool in self._pools.retire(snapshot.endpoint_keys, snapshot.version):
                 pool.close()
@@ -535,7 +536,6 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             if isinstance(decision, LocalReply):
                 return _local_response(decision)
             return self._pass_through(request, view)
-        flow = self._flow(snapshot, view, decision, request)
         mirror = decision.mirror
         try:
             command = next(flow)
@@ -580,10 +580,10 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         stream = _Stream(response, self, hold, exchange, request)
         if deadline is not None:
             hold.timer = watchdog.arm(deadline, stream.cut)
-        reply = self._respond(
-            upstream, response.status, response.headers, stream, response.extensions
-        )
-        return Attempted(_status_outcome(response.status), reply, time.monotonic())
+        reply = self._respond(upstream, response, stream)
+        status = response.status
+        outcome = _OUTCOMES[status] if status < _STATUS_LIMIT else Outcome(status)
+        return Attempted(outcome, reply, time.monotonic())
 
     def _release(self, hold: _Hold) -> None:
         if hold.timer is not None:
@@ -738,7 +738,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         self._mirror_tasks: set[asyncio.Task[None]] = set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        snapshot, view, decision = self._start(request)
+        snapshot, view, decision, flow = self._start(request)
         if snapshot.version != self._pools.version:
             for pool in self._pools.retire(snapshot.endpoint_keys, snapshot.version):
                 await pool.aclose()
@@ -746,7 +746,6 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             if isinstance(decision, LocalReply):
                 return _local_response(decision)
             return await self._pass_through(request, view)
-        flow = self._flow(snapshot, view, decision, request)
         mirror = decision.mirror
         try:
             command = next(flow)
@@ -812,10 +811,10 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             hold.timer = loop.call_later(max(0.0, deadline - time.monotonic()), stream.cut)
         else:
             stream = _AsyncStream(response, self, hold, exchange, request, deadline=deadline)
-        reply = self._respond(
-            upstream, response.status, response.headers, stream, response.extensions
-        )
-        return Attempted(_status_outcome(response.status), reply, time.monotonic())
+        reply = self._respond(upstream, response, stream)
+        status = response.status
+        outcome = _OUTCOMES[status] if status < _STATUS_LIMIT else Outcome(status)
+        return Attempted(outcome, reply, time.monotonic())
 
     async def _release(self, hold: _Hold) -> None:
         if hold.timer is not None:
