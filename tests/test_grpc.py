@@ -27,7 +27,7 @@ import pytest
 from inmesh import Mesh, UpstreamError
 from inmesh.registry import MemoryRegistry
 from inmesh.testing.faults import MeshFaults
-from inmesh.transports.grpc import MeshChannel
+from inmesh.transports.grpc import MeshChannel, attempt_metadata
 from inmesh.transports.grpc_aio import MeshAioChannel
 
 from .grpc_helpers import (
@@ -492,6 +492,49 @@ def test_default_policy_retries_unavailable_not_internal(
     assert code(one(retrying, mode)) is Code.OK
     up.fail_next(2, Code.INTERNAL, "again")
     assert code(one(retrying, mode)) is Code.INTERNAL  # out of attempts: the last real error
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_call_arguments_and_metadata_reach_every_attempt(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """wait_for_ready and compression go with every attempt, the caller's metadata are sent
+    in order before x-envoy-attempt-count, and the endpoint counts no call active after."""
+    (up,) = servers("a")
+    mesh = make_mesh(service_yaml("ratings", [up]))
+    up.fail_next(1, Code.UNAVAILABLE)
+    metadata = (("k", "v"), ("k2", "w"))
+    options: dict[str, Any] = {
+        "metadata": metadata,
+        "wait_for_ready": True,
+        "compression": grpc.Compression.Gzip,
+    }
+    if mode == "sync":
+        with MeshChannel(mesh, TARGET) as channel:
+            answer = channel.unary_unary(GET)(b"", **options)
+    else:
+
+        async def run() -> bytes:
+            async with MeshAioChannel(mesh, TARGET) as channel:
+                return await channel.unary_unary(GET)(b"", **options)  # type: ignore[no-any-return]
+
+        answer = asyncio.run(run())
+    assert name_of(answer) == "a"
+    sent = [[(k, v) for k, v in c.metadata.items() if k != "user-agent"] for c in up.calls]
+    assert sent == [[("k", "v"), ("k2", "w"), ("x-envoy-attempt-count", str(n))] for n in (1, 2)]
+    assert mesh.stats.get((up.address, up.port)).active == 0
+
+
+def test_attempt_metadata_forms() -> None:
+    """What an attempt sends without route edits: the count alone, or after the caller's
+    metadata (kept as given), for first tries, retries and counts past nine alike."""
+    assert attempt_metadata(None, None, 1) == (("x-envoy-attempt-count", "1"),)
+    assert attempt_metadata([], None, 3) == (("x-envoy-attempt-count", "3"),)
+    assert attempt_metadata(None, None, 12) == (("x-envoy-attempt-count", "12"),)
+    given = [("a", "1"), ("b", b"\x00")]
+    assert list(attempt_metadata(given, None, 2)) == [*given, ("x-envoy-attempt-count", "2")]
+    assert list(attempt_metadata(given, None, 10)) == [*given, ("x-envoy-attempt-count", "10")]
+    assert given == [("a", "1"), ("b", b"\x00")]  # the caller's own list is left alone
 
 
 @pytest.mark.parametrize("mode", MODES)

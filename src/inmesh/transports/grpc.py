@@ -115,8 +115,13 @@ _INITIAL_BACKOFF_MS = 1_000  # grpc core's own defaults
 _MAX_BACKOFF_MS = 120_000
 _MAX_INT32 = 2**31 - 1
 _OK = Outcome(200, grpc_status="OK")
+_ATTEMPT_COUNT = "x-envoy-attempt-count"
 _COUNTS = tuple(str(n) for n in range(10))
+# What an attempt sends when the caller sent no metadata and the route edits none: made
+# once, and a tuple, which grpcio takes as is (it copies a list into a tuple).
+_COUNT_ONLY = tuple(((_ATTEMPT_COUNT, count),) for count in _COUNTS)
 MIRROR_TIMEOUT = 5.0
+_STATS: Any = object()  # the key of an endpoint channel's EndpointStats in its entry's cache
 # The words grpcio's transport errors carry (C-core's details text), lower-cased.
 _CONNECT_WORDS = ("failed to connect", "connection refused", "connections to all backends")
 _RESET_WORDS = ("socket closed", "connection reset", "stream removed", "goaway", "broken pipe")
@@ -227,13 +232,18 @@ def edited_initial_metadata(metadata: Any, upstream: Upstream | None) -> Any:
 def attempt_metadata(metadata: Any, upstream: Upstream | None, attempt: int) -> Any:
     """What one attempt sends: the caller's metadata, the route's edits, and
     ``x-envoy-attempt-count`` on every attempt, as over HTTP (Istio turns Envoy's
-    include_request_attempt_count on). It costs: grpcio charges 25-30 µs a call for any
-    metadata at all, which the benchmark's figures include."""
-    sent = list(metadata) if metadata else []
+    include_request_attempt_count on). Measured on a bare grpcio channel, that one entry
+    costs ~4 µs of client CPU a call (~2 % of a loopback unary call) and no wall time
+    that paired rounds can tell apart from noise."""
     if upstream is not None and upstream.request_ops:
-        sent = edit_metadata(sent, upstream.request_ops)
-    sent.append(("x-envoy-attempt-count", _COUNTS[attempt] if attempt < 10 else str(attempt)))
-    return sent
+        sent = edit_metadata(list(metadata) if metadata else [], upstream.request_ops)
+        sent.append((_ATTEMPT_COUNT, _COUNTS[attempt] if attempt < 10 else str(attempt)))
+        return sent
+    if attempt >= 10:
+        return (*(metadata or ()), (_ATTEMPT_COUNT, str(attempt)))
+    if not metadata:
+        return _COUNT_ONLY[attempt]
+    return (*metadata, _COUNT_ONLY[attempt][0])
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -528,6 +538,7 @@ class ChannelCore:
             self.open_channel, _channel_endpoint
         )
         self.mirrors = MirrorGate(mesh.state)
+        self.views: dict[str, _View] = {}  # by method, for calls without metadata
         self.closed = False
 
     # -- grpcio channels (the flavour's own)
@@ -560,7 +571,11 @@ class ChannelCore:
         if snapshot.version != self.channels.version:
             for channel in self.channels.retire(snapshot.endpoint_keys, snapshot.version):
                 self.close_channel(channel)
-        view = _View(self.host, self.port, self.authority, method, metadata)
+        view = None if metadata else self.views.get(method)
+        if view is None:
+            view = _View(self.host, self.port, self.authority, method, metadata)
+            if not metadata:  # without metadata a method's view is always the same value
+                self.views[method] = view
         return snapshot, view, plan(snapshot, view, self.rng, source=self.source)
 
     def flow(
@@ -628,8 +643,12 @@ class ChannelCore:
 
     # -- attempts
 
-    def hold(self, upstream: Upstream | None, send: Send) -> Hold:
-        endpoint = send.endpoint
+    def enter(
+        self, upstream: Upstream | None, endpoint: Endpoint
+    ) -> tuple[Entry[Any], EndpointStats]:
+        """Take the endpoint channel of an attempt and count the attempt active; ``leave``
+        gives both back. (The blocking and the aio drivers pair them themselves; the
+        callback-driven ones take a ``Hold``, whose release may race.)"""
         if upstream is None:
             key: ChannelKey = (endpoint.address, endpoint.port, "", None)
         else:
@@ -639,19 +658,31 @@ class ChannelCore:
                 upstream.authority or self.authority,
                 upstream.cluster.policy.connection_pool,
             )
-        hold = Hold(self.channels.acquire(key), self.mesh.stats.get(endpoint.key), send.limits)
-        hold.stats.begin()
-        return hold
+        entry = self.channels.acquire(key)
+        # A channel serves one endpoint: its figures are looked up once and kept with it
+        # (the stats table hands out the same object for as long as one is held).
+        stats = entry.cache.get(_STATS)
+        if stats is None:
+            stats = entry.cache[_STATS] = self.mesh.stats.get(endpoint.key)
+        stats.begin()
+        return entry, stats
+
+    def leave(self, entry: Entry[Any], stats: EndpointStats, limits: EndpointLimits | None) -> None:
+        stats.end()
+        if limits is not None:
+            limits.release()
+        if self.channels.release(entry):
+            self.close_channel(entry.resource)
+
+    def hold(self, upstream: Upstream | None, send: Send) -> Hold:
+        entry, stats = self.enter(upstream, send.endpoint)
+        return Hold(entry, stats, send.limits)
 
     def release(self, hold: Hold) -> None:
         if hold.released:
             return
         hold.released = True
-        hold.stats.end()
-        if hold.limits is not None:
-            hold.limits.release()
-        if self.channels.release(hold.entry):
-            self.close_channel(hold.entry.resource)
+        self.leave(hold.entry, hold.stats, hold.limits)
 
     @staticmethod
     def callable(entry: Entry[Any], spec: CallSpec, upstream: Upstream | None) -> Any:
@@ -1029,23 +1060,22 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         with_call: bool,
     ) -> Attempted:
         core = self._core
-        hold = core.hold(upstream, send)
+        entry, stats = core.enter(upstream, send.endpoint)
         started = time.monotonic()
         try:
-            callable_ = core.callable(hold.entry, self._spec, upstream)
-            result = (callable_.with_call if with_call else callable_)(
-                request,
-                timeout=send.timeout,
-                metadata=attempt_metadata(metadata, upstream, send.attempt),
-                credentials=extra.credentials,
-                wait_for_ready=extra.wait_for_ready,
-                compression=extra.compression,
-            )
+            callable_ = core.callable(entry, self._spec, upstream)
+            if with_call:
+                callable_ = callable_.with_call
+            sent = attempt_metadata(metadata, upstream, send.attempt)
+            if extra is _NO_EXTRA:  # grpcio's own defaults: fewer arguments to pass
+                result = callable_(request, send.timeout, sent)
+            else:
+                result = callable_(request, send.timeout, sent, *extra)
         except grpc.RpcError as error:
             now = time.monotonic()
             return Attempted(outcome_of(error, send.timeout, now - started), error, now)
         finally:
-            core.release(hold)
+            core.leave(entry, stats, send.limits)
         return Attempted(_OK, result, time.monotonic())
 
 

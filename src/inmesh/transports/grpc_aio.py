@@ -255,12 +255,17 @@ class _AioCallable(
 ):
     """Every shape's multi-callable: the spec says which call object a call makes."""
 
-    __slots__ = ("_core", "_replayable", "_spec")
+    __slots__ = ("_core", "_make", "_replayable", "_spec", "_writes")
 
     def __init__(self, core: _AioCore, spec: CallSpec, replayable: bool) -> None:
         self._core = core
         self._spec = spec
         self._replayable = replayable
+        # Decided once, not per call: which call object, and whether it takes writes.
+        self._make: type[_AioCall] = (
+            _AioUnaryResponseCall if spec.shape.endswith("unary") else _AioStreamResponseCall
+        )
+        self._writes = spec.shape.startswith("stream")
 
     def __call__(
         self,
@@ -272,19 +277,37 @@ class _AioCallable(
         wait_for_ready: Any = None,
         compression: Any = None,
     ) -> Any:  # a grpc.aio call of the spec's shape (grpc.aio is untyped)
-        extra = (credentials, wait_for_ready, compression)
-        if self._spec.shape.endswith("unary"):
-            return _AioUnaryResponseCall(self, request, timeout, metadata, extra)
-        return _AioStreamResponseCall(self, request, timeout, metadata, extra)
+        if credentials is None and wait_for_ready is None and compression is None:
+            extra = _NO_EXTRA
+        else:
+            extra = (credentials, wait_for_ready, compression)
+        return self._make(self, request, timeout, metadata, extra)
 
 
 _NEW, _RUNNING, _DONE = 0, 1, 2
+_NO_EXTRA: tuple[Any, Any, Any] = (None, None, None)
 
 
 class _AioCall:
     """What both call objects share: running the flow (inline in ``await``, or as a task
     when the call must run unawaited), the attempt in flight, the finished attempt's call
-    (or the error), waiting for the end, cancellation, request writes."""
+    (or the error), waiting for the end, cancellation, request writes.
+
+    A call's starting state is the class's: the instance sets only what differs, and
+    makes its lists of waiters and callbacks when it first needs them."""
+
+    _state = _NEW
+    _task: asyncio.Task[None] | None = None
+    _waiters: list[asyncio.Future[None]] | None = None
+    _callbacks: list[Callable[[Any], None]] | None = None
+    _current: Any = None  # the attempt in flight (a grpc.aio call)
+    _call: Any = None  # the delivered attempt's call
+    _error: BaseException | None = None
+    _upstream: Upstream | None = None  # the delivered attempt's plan
+    _cancelled = False
+    # Writes (request streaming without an iterator) wait for the attempt to exist.
+    _ready: asyncio.Event | None = None
+    _lazy: bool  # the call may wait to be awaited (unary response) or not (streams)
 
     def __init__(
         self,
@@ -299,19 +322,14 @@ class _AioCall:
         self._metadata = metadata
         self._extra = extra
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._state = _NEW
-        self._task: asyncio.Task[None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._current: Any = None  # the attempt in flight (a grpc.aio call)
-        self._call: Any = None  # the delivered attempt's call
-        self._error: BaseException | None = None
-        self._upstream: Upstream | None = None  # the delivered attempt's plan
-        self._cancelled = False
-        # Writes (request streaming without an iterator) wait for the attempt to exist.
-        self._ready: asyncio.Event | None = None
-        if owner._spec.shape.startswith("stream") and request is None:
+        if request is None and owner._writes:
             self._ready = asyncio.Event()
+        if self._lazy and self._ready is None:
+            # Under way by the next loop turn, as grpc.aio's calls are, unless awaited first
+            # (the usual ``await stub.Get(...)``), which then runs it inline.
+            asyncio.get_running_loop().call_soon(self._start)
+        else:
+            self._start()  # a stream starts at once; writes need the call under way
 
     def _start(self) -> None:
         """Run the call as a task, unless it runs already (inline in ``await``: that saves
@@ -336,12 +354,12 @@ class _AioCall:
         self._state = _DONE
         if self._ready is not None:
             self._ready.set()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
             self._after(callback)
 
     async def _wait(self) -> None:
@@ -349,6 +367,8 @@ class _AioCall:
         self._start()
         if self._state is not _DONE:
             waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
             self._waiters.append(waiter)
             await waiter
 
@@ -389,28 +409,43 @@ class _AioCall:
             flow.close()
         return core.deliver(view, upstream, finish)
 
-    def _begin(self, upstream: Upstream | None, send: Send) -> tuple[Any, Any]:
-        """Start an attempt's grpc.aio call; its hold is released when the call ends."""
+    def _begin(self, upstream: Upstream | None, send: Send) -> tuple[Any, Callable[[], None]]:
+        """Start an attempt's grpc.aio call, holding its endpoint channel and counting it
+        active; call the returned ``end`` once, when the call is over or as it ends."""
         core = self._owner._core
-        hold = core.hold(upstream, send)
-        credentials, wait_for_ready, compression = self._extra
+        entry, stats = core.enter(upstream, send.endpoint)
+        limits = send.limits
         try:
-            call = core.callable(hold.entry, self._owner._spec, upstream)(
-                self._request,
-                timeout=send.timeout,
-                metadata=attempt_metadata(self._metadata, upstream, send.attempt),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
+            callable_ = core.callable(entry, self._owner._spec, upstream)
+            sent = attempt_metadata(self._metadata, upstream, send.attempt)
+            if self._extra is _NO_EXTRA:  # grpc.aio's own defaults: fewer arguments to pass
+                call = callable_(self._request, timeout=send.timeout, metadata=sent)
+            else:
+                credentials, wait_for_ready, compression = self._extra
+                call = callable_(
+                    self._request,
+                    timeout=send.timeout,
+                    metadata=sent,
+                    credentials=credentials,
+                    wait_for_ready=wait_for_ready,
+                    compression=compression,
+                )
         except BaseException:
-            core.release(hold)
+            core.leave(entry, stats, limits)
             raise
-        call.add_done_callback(lambda _: core.release(hold))
         self._current = call
         if self._ready is not None:
             self._ready.set()
-        return call, time.monotonic()
+
+        def end() -> None:
+            # Now if the call is over (a unary answer or error: the usual case, which saves
+            # grpc.aio a callback), else when it ends (cancelled, or a stream under way).
+            if call.done():
+                core.leave(entry, stats, limits)
+            else:
+                call.add_done_callback(lambda _: core.leave(entry, stats, limits))
+
+        return call, end
 
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
         raise NotImplementedError
@@ -491,6 +526,8 @@ class _AioCall:
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         if self._state is _DONE:
             self._after(callback)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
         else:
             self._callbacks.append(callback)
 
@@ -534,27 +571,22 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
     """Unary-unary and stream-unary calls: awaitable for the response."""
 
     _response: Any = None
+    _lazy = True
 
     def _deliver(self, result: Any) -> None:
         self._response, self._call = result
 
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
-        call, started = self._begin(upstream, send)
+        call, end = self._begin(upstream, send)
+        started = time.monotonic()
         try:
             response = await call
         except grpc.aio.AioRpcError as error:
             now = time.monotonic()
             return Attempted(outcome_of(error, send.timeout, now - started), error, now)
+        finally:
+            end()
         return Attempted(_OK, (response, call), time.monotonic())
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        if self._ready is not None:
-            self._start()  # writes need the call under way before it is awaited
-        else:
-            # Under way by the next loop turn, as grpc.aio's calls are, unless awaited first
-            # (the usual ``await stub.Get(...)``), which then runs it inline.
-            asyncio.get_running_loop().call_soon(self._start)
 
     def __await__(self) -> Generator[Any, None, Any]:
         if self._state is _NEW:
@@ -572,16 +604,15 @@ class _AioStreamResponseCall(_AioCall, grpc.aio.UnaryStreamCall, grpc.aio.Stream
     """Unary-stream and stream-stream calls: ``read()`` or ``async for``."""
 
     _first: Any = _NOTHING
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self._start()
+    _lazy = False
 
     def _deliver(self, result: Any) -> None:
         self._call, self._first = result
 
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
-        call, started = self._begin(upstream, send)
+        call, end = self._begin(upstream, send)
+        end()  # a stream goes on after its first message: its hold goes when it ends
+        started = time.monotonic()
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as error:
