@@ -241,10 +241,13 @@ def attempt_flow(
                 return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint, injected)
 
             backoff = None
-            # A 1xx-3xx answer is retried only when its code is listed: most calls end here
-            # without consulting the policy's tables.
+            # A 1xx-3xx answer (for gRPC, one with status OK) is retried only when its code
+            # is listed: most calls end here without consulting the policy's tables.
             status = outcome.status
-            plain = status is not None and status < 400 and outcome.grpc_status is None
+            grpc_status = outcome.grpc_status
+            plain = (
+                status is not None and status < 400 and (grpc_status is None or grpc_status == "OK")
+            )
             if (
                 retry is not None
                 and replayable

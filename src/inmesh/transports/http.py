@@ -35,7 +35,6 @@ from inmesh.endpoints import Endpoint, EndpointKey
 from inmesh.exceptions import UpstreamError
 from inmesh.flow import TIMEOUT_BODY, Attempted, Finish, Send, Wait, attempt_flow, fault_abort
 from inmesh.plan import LocalReply, Plan, Upstream, plan
-from inmesh.resilience.limits import EndpointLimits
 from inmesh.resilience.retry import Failure, Outcome
 from inmesh.routing import apply_header_ops
 from inmesh.testing.faults import OVERLAY, CallRecord
@@ -155,21 +154,6 @@ class _Failed(NamedTuple):
     where: str
 
 
-class _Hold:
-    """What one attempt holds until its response is closed: a pool use, an active-request
-    count, a connection-pool admission, a deadline timer."""
-
-    __slots__ = ("entry", "limits", "stats", "timer")
-
-    def __init__(
-        self, entry: Entry[Any], stats: EndpointStats, limits: EndpointLimits | None
-    ) -> None:
-        self.entry = entry
-        self.stats = stats
-        self.limits = limits
-        self.timer: Timer | asyncio.TimerHandle | None = None
-
-
 _PHASES = (
     (httpcore.ConnectTimeout, "connect"),
     (httpcore.ReadTimeout, "read"),
@@ -265,9 +249,22 @@ def _shadow(authority: bytes) -> bytes:
 
 
 class _Exchange:
-    """One attempt's httpcore request, built from the caller's ``httpx.Request``."""
+    """One attempt: its httpcore request, built from the caller's ``httpx.Request``, and
+    what it holds until its response is closed (a pool use, an active-request count, a
+    connection-pool admission, a deadline timer)."""
 
-    __slots__ = ("_endpoint", "_host", "cluster", "core_request", "key", "mesh_phases")
+    __slots__ = (
+        "_endpoint",
+        "_host",
+        "cluster",
+        "core_request",
+        "entry",
+        "key",
+        "limits",
+        "mesh_phases",
+        "stats",
+        "timer",
+    )
 
     def __init__(
         self,
@@ -278,7 +275,10 @@ class _Exchange:
         *,
         shadow: bool = False,
     ) -> None:
-        endpoint, attempt, timeout, _ = send
+        endpoint, attempt, timeout, self.limits = send
+        self.timer: Timer | asyncio.TimerHandle | None = None
+        self.entry: Entry[Any]
+        self.stats: EndpointStats
         scheme = view.scheme
         cluster = upstream.cluster
         pool = cluster.policy.connection_pool
@@ -565,34 +565,35 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
     ) -> Attempted:
         endpoint = send.endpoint
         exchange = _Exchange(request, view, upstream, send)
-        hold = _Hold(self._pools.acquire(exchange.key), self._stats.get(endpoint.key), send.limits)
-        hold.stats.begin()
+        exchange.entry = self._pools.acquire(exchange.key)
+        exchange.stats = stats = self._stats.get(endpoint.key)
+        stats.begin()
         deadline = None if send.timeout is None else time.monotonic() + send.timeout
         try:
-            response = hold.entry.resource.handle_request(exchange.core_request)
+            response = exchange.entry.resource.handle_request(exchange.core_request)
         except BaseException as exc:
-            self._release(hold)
+            self._release(exchange)
             if not isinstance(exc, Exception):
                 raise
             return Attempted(
                 _outcome(exc, exchange.mesh_phases), _Failed(exc, exchange.where), time.monotonic()
             )
-        stream = _Stream(response, self, hold, exchange, request)
+        stream = _Stream(response, self, exchange, request)
         if deadline is not None:
-            hold.timer = watchdog.arm(deadline, stream.cut)
+            exchange.timer = watchdog.arm(deadline, stream.cut)
         reply = self._respond(upstream, response, stream)
         status = response.status
         outcome = _OUTCOMES[status] if status < _STATUS_LIMIT else Outcome(status)
         return Attempted(outcome, reply, time.monotonic())
 
-    def _release(self, hold: _Hold) -> None:
-        if hold.timer is not None:
-            hold.timer.cancel()
-        hold.stats.end()
-        if hold.limits is not None:
-            hold.limits.release()
-        if self._pools.release(hold.entry):
-            hold.entry.resource.close()
+    def _release(self, exchange: _Exchange) -> None:
+        if exchange.timer is not None:
+            exchange.timer.cancel()
+        exchange.stats.end()
+        if exchange.limits is not None:
+            exchange.limits.release()
+        if self._pools.release(exchange.entry):
+            exchange.entry.resource.close()
 
     def _pass_through(self, request: httpx.Request, view: _View) -> httpx.Response:
         injection = self._passthrough_fault(view)
@@ -679,19 +680,17 @@ class _Stream(httpx.SyncByteStream):
     """The response body: reading it counts against the attempt's deadline; closing it
     releases what the attempt held."""
 
-    __slots__ = ("_closed", "_cut", "_exchange", "_hold", "_request", "_response", "_transport")
+    __slots__ = ("_closed", "_cut", "_exchange", "_request", "_response", "_transport")
 
     def __init__(
         self,
         response: Any,
         transport: MeshTransport,
-        hold: _Hold,
         exchange: _Exchange,
         request: httpx.Request,
     ) -> None:
         self._response = response
         self._transport = transport
-        self._hold = hold
         self._exchange = exchange
         self._request = request
         self._closed = False
@@ -723,7 +722,7 @@ class _Stream(httpx.SyncByteStream):
             if close is not None:
                 close()
         finally:
-            self._transport._release(self._hold)
+            self._transport._release(self._exchange)
 
 
 class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
@@ -775,24 +774,29 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
     ) -> Attempted:
         endpoint = send.endpoint
         exchange = _Exchange(request, view, upstream, send)
-        hold = _Hold(self._pools.acquire(exchange.key), self._stats.get(endpoint.key), send.limits)
-        hold.stats.begin()
+        exchange.entry = self._pools.acquire(exchange.key)
+        exchange.stats = stats = self._stats.get(endpoint.key)
+        stats.begin()
         timeout = send.timeout
         loop = None if timeout is None else _running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             if timeout is None:
-                response = await hold.entry.resource.handle_async_request(exchange.core_request)
+                response = await exchange.entry.resource.handle_async_request(exchange.core_request)
             elif loop is not None:  # asyncio's own timeout costs a third of anyio's scope
                 async with asyncio.timeout(timeout):
-                    response = await hold.entry.resource.handle_async_request(exchange.core_request)
+                    response = await exchange.entry.resource.handle_async_request(
+                        exchange.core_request
+                    )
             else:
                 with anyio.fail_after(timeout):
-                    response = await hold.entry.resource.handle_async_request(exchange.core_request)
+                    response = await exchange.entry.resource.handle_async_request(
+                        exchange.core_request
+                    )
         except BaseException as exc:
             # A cancellation too must give back what the attempt holds (limits above all).
             with anyio.CancelScope(shield=True):
-                await self._release(hold)
+                await self._release(exchange)
             if not isinstance(exc, Exception):
                 raise
             return Attempted(
@@ -807,23 +811,23 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             and deadline is not None
             and response.extensions.get("http_version") != b"HTTP/2"
         ):
-            stream = _AsyncStream(response, self, hold, exchange, request, deadline=None)
-            hold.timer = loop.call_later(max(0.0, deadline - time.monotonic()), stream.cut)
+            stream = _AsyncStream(response, self, exchange, request, deadline=None)
+            exchange.timer = loop.call_later(max(0.0, deadline - time.monotonic()), stream.cut)
         else:
-            stream = _AsyncStream(response, self, hold, exchange, request, deadline=deadline)
+            stream = _AsyncStream(response, self, exchange, request, deadline=deadline)
         reply = self._respond(upstream, response, stream)
         status = response.status
         outcome = _OUTCOMES[status] if status < _STATUS_LIMIT else Outcome(status)
         return Attempted(outcome, reply, time.monotonic())
 
-    async def _release(self, hold: _Hold) -> None:
-        if hold.timer is not None:
-            hold.timer.cancel()
-        hold.stats.end()
-        if hold.limits is not None:
-            hold.limits.release()
-        if self._pools.release(hold.entry):
-            await hold.entry.resource.aclose()
+    async def _release(self, exchange: _Exchange) -> None:
+        if exchange.timer is not None:
+            exchange.timer.cancel()
+        exchange.stats.end()
+        if exchange.limits is not None:
+            exchange.limits.release()
+        if self._pools.release(exchange.entry):
+            await exchange.entry.resource.aclose()
 
     async def _pass_through(self, request: httpx.Request, view: _View) -> httpx.Response:
         injection = self._passthrough_fault(view)
@@ -894,7 +898,6 @@ class _AsyncStream(httpx.AsyncByteStream):
         "_cut",
         "_deadline",
         "_exchange",
-        "_hold",
         "_request",
         "_response",
         "_transport",
@@ -904,7 +907,6 @@ class _AsyncStream(httpx.AsyncByteStream):
         self,
         response: Any,
         transport: AsyncMeshTransport,
-        hold: _Hold,
         exchange: _Exchange,
         request: httpx.Request,
         *,
@@ -912,7 +914,6 @@ class _AsyncStream(httpx.AsyncByteStream):
     ) -> None:
         self._response = response
         self._transport = transport
-        self._hold = hold
         self._exchange = exchange
         self._request = request
         self._deadline = deadline  # set when reads need a scope each (not on asyncio)
@@ -960,4 +961,4 @@ class _AsyncStream(httpx.AsyncByteStream):
             if aclose is not None:
                 await aclose()
         finally:
-            await self._transport._release(self._hold)
+            await self._transport._release(self._exchange)
