@@ -49,13 +49,12 @@ class _Window:
     clock read that lost a race with another thread's) counts in the newest bucket.
     """
 
-    __slots__ = ("_counts", "_newest", "_slice", "_total")
+    __slots__ = ("_counts", "_newest", "_slice")
 
     def __init__(self, span: float) -> None:
         self._slice = max(span, _MIN_SPAN) / _BUCKETS
         self._counts = [0] * _BUCKETS
         self._newest: int | None = None  # absolute bucket number of the newest bucket
-        self._total = 0
 
     def _advance(self, now: float) -> int:
         bucket = math.floor(now / self._slice)
@@ -67,9 +66,7 @@ class _Window:
             return newest
         counts = self._counts
         for step in range(1, min(bucket - newest, _BUCKETS) + 1):
-            slot = (newest + step) % _BUCKETS
-            self._total -= counts[slot]
-            counts[slot] = 0
+            counts[(newest + step) % _BUCKETS] = 0
         self._newest = bucket
         return bucket
 
@@ -78,11 +75,10 @@ class _Window:
         if bucket != self._newest:  # a new bucket: drop the expired ones first
             bucket = self._advance(now)
         self._counts[bucket % _BUCKETS] += 1
-        self._total += 1
 
     def total(self, now: float) -> int:
         self._advance(now)
-        return self._total
+        return sum(self._counts)  # ten numbers: cheaper kept than a running sum kept right
 
 
 class ConcurrencyBudget:
@@ -171,14 +167,19 @@ class RatioBudget:
         return self._settings
 
     def deposit(self, now: float) -> None:
-        """An original request was made (once per call)."""
+        """An original request was made (once per call).
+
+        Lock-free while the newest bucket is current (all but one deposit per bucket):
+        an increment lost to a race between threads makes the budget a hair smaller,
+        never larger, and a bucket is only cleared a whole window after it was newest.
+        """
         window = self._deposits
-        bucket = int(now / window._slice)  # window.add, inlined: once per request
-        with self._lock:
-            if bucket != window._newest:
-                bucket = window._advance(now)
+        bucket = int(now / window._slice)  # floor: the clock is never negative
+        if bucket == window._newest:
             window._counts[bucket % _BUCKETS] += 1
-            window._total += 1
+            return
+        with self._lock:
+            window.add(now)
 
     def balance(self, now: float) -> float:
         """Retries still allowed in the current window (may be fractional)."""
