@@ -198,6 +198,10 @@ class _HostIndex(Generic[T]):
         wildcards.sort(key=lambda item: len(item[0]), reverse=True)
         self.wildcards = tuple(wildcards)
 
+    def lookup(self) -> Callable[[str], T | None]:
+        """``get``, or with no wildcard hosts the exact dict's own ``get`` (no Python call)."""
+        return self.get if self.wildcards else self.exact.get
+
     def get(self, host: str) -> T | None:
         found = self.exact.get(host)
         if found is not None or not self.wildcards:
@@ -231,9 +235,9 @@ class Snapshot:
         self._services = services
         self._routes = routes
         self._rules = rules
-        self.service: Callable[[str], Service | None] = services.get
-        self.route_table: Callable[[str], RouteTable | None] = routes.get
-        self.rule: Callable[[str], DestinationRule | None] = rules.get
+        self.service: Callable[[str], Service | None] = services.lookup()
+        self.route_table: Callable[[str], RouteTable | None] = routes.lookup()
+        self.rule: Callable[[str], DestinationRule | None] = rules.lookup()
         self._clusters = clusters
         self._resolved: dict[tuple[int, str, int], tuple[Destination | None, Cluster]] = {}
         self.endpoint_keys: frozenset[EndpointKey] = frozenset(
