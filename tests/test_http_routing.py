@@ -162,6 +162,34 @@ def test_first_matching_rule_wins(
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_wildcard_virtual_service_host(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """A VirtualService for ``*.example.com`` routes every host under it; the longest
+    wildcard wins, and a host outside both is not routed by either."""
+    v1, v2 = upstreams("v1", "v2")
+    docs = two_way(v1, v2, "[{uri: {prefix: /none}}]")
+    wide = (
+        docs[2]
+        .replace("name: reviews}", "name: wide}")
+        .replace("hosts: [reviews]", "hosts: ['*.example.com']")
+    )
+    narrow = (
+        wide.replace("name: wide}", "name: narrow}")
+        .replace("hosts: ['*.example.com']", "hosts: ['*.api.example.com']")
+        .replace("subset: v1}", "subset: v2}")
+    )
+    registry_only = (  # a host the lookup missed is refused here, never looked up in DNS
+        "apiVersion: inmesh.io/v1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
+        "spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n"
+    )
+    mesh = make_mesh(docs[0], docs[1], wide, narrow, registry_only)
+    assert send(mesh, mode, "http://shop.example.com:9080/").headers["x-upstream"] == "v1"
+    assert send(mesh, mode, "http://v.api.example.com:9080/").headers["x-upstream"] == "v2"
+    assert mesh.snapshot.route_table("example.org") is None
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_no_matching_route_is_404_without_upstream_call(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
 ) -> None:
