@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 import textwrap
 from types import MappingProxyType
@@ -2523,3 +2524,13 @@ def test_duration_finer_than_a_millisecond_is_refused(nanos: int) -> None:
     """Istio keeps whole milliseconds: anything finer is refused, never rounded."""
     with pytest.raises(ValueError, match=r"1ms|whole milliseconds"):
         parse_duration(f"{nanos}ns")
+
+
+def test_pool_settings_pickle_with_a_fresh_hash() -> None:
+    """ConnectionPoolSettings caches its hash (it keys the per-endpoint pools); a pickled
+    copy computes its own, so it still finds what an equal object keyed."""
+    settings = ConnectionPoolSettings(http=HTTPSettings(idle_timeout=5.0))
+    restored = pickle.loads(pickle.dumps(settings))
+    assert restored == settings
+    assert {settings: "pool"}[restored] == "pool"
+    assert restored._hash == hash((restored.tcp, restored.http))

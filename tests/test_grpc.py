@@ -390,6 +390,27 @@ def test_response_header_operations_edit_initial_metadata_sync(
         assert isinstance(unary_call, grpc.Call) and unary_call.code() is Code.OK
 
 
+def test_response_header_operations_leave_errors_unedited(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """An error is the upstream's own: its initial metadata carry no route edits, read
+    from the error or from the failed call, in every sync shape."""
+    up = _edited_upstream(servers)
+    mesh = make_mesh(service_yaml("ratings", [up]), vs(RESPONSE_EDITS))
+    own = Counter(SERVER_HEADERS)
+    with MeshChannel(mesh, TARGET) as channel:
+        up.fail_next(1, Code.PERMISSION_DENIED)
+        with pytest.raises(grpc.RpcError) as blocking:
+            channel.unary_unary(GET).with_call(b"", timeout=5)
+        up.fail_next(1, Code.PERMISSION_DENIED)
+        future = channel.unary_unary(GET).future(b"", timeout=5)
+        with pytest.raises(grpc.RpcError) as failed:
+            future.result(timeout=5)
+        seen = [blocking.value.initial_metadata(), failed.value.initial_metadata()]
+        seen.append(future.initial_metadata())
+    assert [Counter(m) for m in seen] == [own] * 3
+
+
 def test_request_header_operation_on_a_bin_key_sends_bytes(
     servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh]
 ) -> None:

@@ -133,6 +133,57 @@ def test_trickled_body_is_cut_at_the_deadline(
     assert mesh.stats.get((trickle.address, trickle.port)).active == 0
 
 
+def test_a_late_deadline_cut_spares_the_connection_reused_after_close(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """The watchdog's thread can run late: a cut for a response already closed must not
+    touch its connection, which the pool may have handed to the next request by then."""
+    (up,) = upstreams("up")
+    mesh = make_mesh(service_yaml("reviews", [up]), vs("    timeout: 30s"))
+    transport = mesh.transport()
+    with httpx.Client(transport=transport) as client:
+        first = transport.handle_request(client.build_request("GET", URL))
+        first.read()
+        first.close()  # its connection goes back to the pool
+        late_cut = first.stream.cut  # type: ignore[attr-defined]
+        up.behave(delay=0.3)
+        second: list[httpx.Response] = []
+        thread = threading.Thread(target=lambda: second.append(client.get(URL)))
+        thread.start()
+        assert wait_for(lambda: len(up.received) == 2)  # the same connection, in use
+        late_cut()  # what a watchdog thread descheduled past the close would do
+        thread.join(5)
+    assert [r.status_code for r in second] == [200]
+    assert len(up.received) == 2  # answered on the first try, not retried
+
+
+def test_a_late_async_deadline_cut_spares_the_connection_reused_after_close(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """The async transport's body timer, fired after the response was closed, leaves the
+    connection (now serving the next request) alone."""
+    (up,) = upstreams("up")
+    mesh = make_mesh(service_yaml("reviews", [up]), vs("    timeout: 30s"))
+
+    async def run() -> int:
+        transport = mesh.async_transport()
+        async with httpx.AsyncClient(transport=transport) as client:
+            first = await transport.handle_async_request(client.build_request("GET", URL))
+            await first.aread()
+            await first.aclose()
+            late_cut = first.stream.cut  # type: ignore[attr-defined]
+            up.behave(delay=0.3)
+            second = asyncio.ensure_future(client.get(URL))
+            deadline = time.monotonic() + 5
+            while len(up.received) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            late_cut()
+            return (await second).status_code
+
+    assert asyncio.run(run()) == 200
+    assert len(up.received) == 2
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_per_try_timeout_retries_on_another_endpoint(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str

@@ -380,6 +380,14 @@ class ConnectionPoolSettings:
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt, not restored: a hash is only good in the process that made it.
+        return (_pool_settings, (self.tcp, self.http))
+
+
+def _pool_settings(tcp: TCPSettings, http: HTTPSettings) -> ConnectionPoolSettings:
+    return ConnectionPoolSettings(tcp=tcp, http=http)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutlierDetection:

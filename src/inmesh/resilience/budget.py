@@ -45,8 +45,9 @@ _EPSILON: Final = 1e-9  # 0.07 × 100 is 7.000000000000001: compare with a hair 
 class _Window:
     """A count of events over the last ``span`` seconds, in ``_BUCKETS`` time buckets.
 
-    Not locked: its owner's lock covers it. A ``now`` older than the newest bucket (a
-    clock read that lost a race with another thread's) counts in the newest bucket.
+    Not locked: its owner's lock covers it, except ``add_current``. A ``now`` older than
+    the newest bucket (a clock read that lost a race with another thread's) counts in the
+    newest bucket.
     """
 
     __slots__ = ("_counts", "_newest", "_slice")
@@ -75,6 +76,15 @@ class _Window:
         if bucket != self._newest:  # a new bucket: drop the expired ones first
             bucket = self._advance(now)
         self._counts[bucket % _BUCKETS] += 1
+
+    def add_current(self, now: float) -> bool:
+        """``add`` without the owner's lock, when ``now`` falls in the newest bucket (no
+        bucket to expire); False otherwise: take the lock and ``add``."""
+        bucket = int(now / self._slice)
+        if bucket != self._newest:
+            return False
+        self._counts[bucket % _BUCKETS] += 1
+        return True
 
     def total(self, now: float) -> int:
         self._advance(now)
@@ -174,12 +184,9 @@ class RatioBudget:
         never larger, and a bucket is only cleared a whole window after it was newest.
         """
         window = self._deposits
-        bucket = int(now / window._slice)  # floor: the clock is never negative
-        if bucket == window._newest:
-            window._counts[bucket % _BUCKETS] += 1
-            return
-        with self._lock:
-            window.add(now)
+        if not window.add_current(now):
+            with self._lock:
+                window.add(now)
 
     def balance(self, now: float) -> float:
         """Retries still allowed in the current window (may be fractional)."""

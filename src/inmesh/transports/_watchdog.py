@@ -27,21 +27,18 @@ class Timer:
         self.owner = owner
 
     @property
-    def cancelled(self) -> bool:
+    def done(self) -> bool:
+        """Cancelled, or fired (or about to: the thread has taken the callback)."""
         return self.callback is None
 
     def cancel(self) -> None:
-        """Never fire. The callback (and all it holds: a response, its connection) is let
-        go at once; the heap entry goes when the thread or a compaction reaches it."""
+        """Never fire, unless the thread has already taken the callback: a caller whose
+        cleanup must not race a late callback guards the callback itself. The callback
+        (and all it holds: a response, its connection) is let go at once; the heap entry
+        goes when the thread or a compaction reaches it."""
         if self.callback is not None:
             self.callback = None
-            owner = self.owner
-            # Counted without the lock: the count only decides when to compact, and a lost
-            # increment just delays that.
-            owner._dead += 1
-            dead = owner._dead
-            if dead >= owner._COMPACT_AT and dead * 2 >= len(owner._heap):
-                owner._compact()
+            self.owner._cancelled()
 
 
 class Watchdog:
@@ -80,6 +77,14 @@ class Watchdog:
             if self._heap[0][2] is timer:
                 self._wake.notify()
         return timer
+
+    def _cancelled(self) -> None:
+        # Counted without the lock: the count only decides when to compact, and a lost
+        # increment just delays that (each compaction starts the count afresh).
+        self._dead += 1
+        dead = self._dead
+        if dead >= self._COMPACT_AT and dead * 2 >= len(self._heap):
+            self._compact()
 
     def _compact(self) -> None:
         with self._lock:

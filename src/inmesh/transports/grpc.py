@@ -1294,7 +1294,7 @@ class _FlowFuture(grpc.Future, grpc.Call):  # type: ignore[misc]  # grpc is unty
 
     def initial_metadata(self) -> Any:
         call = self._finished_call()
-        if call is not None and call is self._call:  # answered: the route's edits apply
+        if self._error is None:  # answered: the route's edits apply (never to an error)
             return edited_initial_metadata(call.initial_metadata(), self._upstream)
         return call.initial_metadata() if hasattr(call, "initial_metadata") else ()
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -411,7 +412,8 @@ class _TransportBase:
 
     def _start(self, request: httpx.Request) -> tuple[Snapshot, _View, Plan, Any]:
         """The request's snapshot, view and plan; for an upstream, its attempt flow too
-        (else None). One call for all four: this runs for every request."""
+        (else None). One call for all four: this runs for every request. (The flow is
+        typed Any: the drivers test the plan, not the flow, and mypy cannot tie the two.)"""
         snapshot = self._mesh.snapshot
         view = _View(request)
         decision = plan(snapshot, view, self._rng, source=self._source)
@@ -580,7 +582,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             )
         stream = _Stream(response, self, exchange, request)
         if deadline is not None:
-            exchange.timer = watchdog.arm(deadline, stream.cut)
+            stream.arm(deadline)
         reply = self._respond(upstream, response, stream)
         status = response.status
         outcome = _OUTCOMES[status] if status < _STATUS_LIMIT else Outcome(status)
@@ -680,7 +682,15 @@ class _Stream(httpx.SyncByteStream):
     """The response body: reading it counts against the attempt's deadline; closing it
     releases what the attempt held."""
 
-    __slots__ = ("_closed", "_cut", "_exchange", "_request", "_response", "_transport")
+    __slots__ = (
+        "_closed",
+        "_cut",
+        "_exchange",
+        "_guard",
+        "_request",
+        "_response",
+        "_transport",
+    )
 
     def __init__(
         self,
@@ -695,10 +705,21 @@ class _Stream(httpx.SyncByteStream):
         self._request = request
         self._closed = False
         self._cut = False
+        self._guard: threading.Lock | None = None  # set when a deadline timer is armed
+
+    def arm(self, deadline: float) -> None:
+        """Cut the body off at ``deadline`` (the watchdog's thread will call ``cut``)."""
+        self._guard = threading.Lock()
+        self._exchange.timer = watchdog.arm(deadline, self.cut)
 
     def cut(self) -> None:
-        """The deadline passed: unblock any read by shutting the socket down."""
-        self._cut = _cut(self._response)
+        """The deadline passed: unblock any read by shutting the socket down. Never once
+        the response is closed: its connection may be back in the pool and serving
+        another request by then (the watchdog's thread can run late)."""
+        assert self._guard is not None  # armed before the timer can fire
+        with self._guard:
+            if not self._closed:
+                self._cut = _cut(self._response)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -716,7 +737,12 @@ class _Stream(httpx.SyncByteStream):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        guard = self._guard
+        if guard is None:
+            self._closed = True
+        else:
+            with guard:  # a cut under way ends first; none can begin after this
+                self._closed = True
         try:
             close = getattr(self._response.stream, "close", None)
             if close is not None:
@@ -921,8 +947,11 @@ class _AsyncStream(httpx.AsyncByteStream):
         self._cut = False
 
     def cut(self) -> None:
-        """The deadline passed (asyncio's timer): unblock any read by shutting the socket."""
-        self._cut = _cut(self._response)
+        """The deadline passed (asyncio's timer): unblock any read by shutting the socket.
+        Never once the response is closed (its connection may serve another request by
+        then); timer and close both run on the loop's thread, so no lock is needed."""
+        if not self._closed:
+            self._cut = _cut(self._response)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
