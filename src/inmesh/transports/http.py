@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -670,8 +671,16 @@ def _cut(response: Any) -> bool:
     return True
 
 
+# asyncio.timeout mishandles a task already being cancelled before 3.11.3 (gh-102780):
+# earlier 3.11 releases take anyio's path.
+_ASYNCIO_TIMEOUT = sys.version_info >= (3, 11, 3)
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
-    """The asyncio loop this task runs on; None under another event loop (trio)."""
+    """The asyncio loop this task runs on, for asyncio's own timeouts; None under another
+    event loop (trio), or where asyncio.timeout is not to be trusted."""
+    if not _ASYNCIO_TIMEOUT:
+        return None
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
