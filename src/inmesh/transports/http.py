@@ -341,6 +341,8 @@ class _Exchange:
 
 
 class _TransportBase:
+    _pools: EndpointResources[PoolKey, Any]  # httpcore pools, sync or async: the drivers'
+
     def __init__(
         self,
         mesh: Mesh,
@@ -506,17 +508,30 @@ class _TransportBase:
         )
         return result  # type: ignore[no-any-return]
 
-    def _respond(self, upstream: Upstream, response: Any, stream: Any) -> httpx.Response:
-        """The caller's response for an upstream's: its body read through ``stream``, and
-        the route's response header operations applied."""
+    def _answered(self, upstream: Upstream, response: Any, stream: Any) -> Attempted:
+        """An attempt the upstream answered: the caller's response (the body read through
+        ``stream``, the route's response header operations applied) and its outcome."""
         headers = response.headers
         if upstream.response_ops:
             headers = list(headers)
             for ops in upstream.response_ops:
                 headers = apply_header_ops(headers, ops)
-        return httpx.Response(
-            response.status, headers=headers, stream=stream, extensions=response.extensions
+        status = response.status
+        reply = httpx.Response(
+            status, headers=headers, stream=stream, extensions=response.extensions
         )
+        outcome = _OUTCOMES[status] if status < _STATUS_LIMIT else Outcome(status)
+        return Attempted(outcome, reply, time.monotonic())
+
+    def _give_back(self, exchange: _Exchange) -> bool:
+        """Release what an attempt held; True if its pool is retired and now idle (the
+        driver closes it, sync or async)."""
+        if exchange.timer is not None:
+            exchange.timer.cancel()
+        exchange.stats.end()
+        if exchange.limits is not None:
+            exchange.limits.release()
+        return self._pools.release(exchange.entry)
 
 
 class MeshTransport(_TransportBase, httpx.BaseTransport):
@@ -524,7 +539,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
 
     def __init__(self, mesh: Mesh, **options: Any) -> None:
         super().__init__(mesh, **options)
-        self._pools: EndpointResources[PoolKey, Any] = EndpointResources(
+        self._pools = EndpointResources(
             lambda key: httpcore.ConnectionPool(**self._pool_options(key[3])), _pool_endpoint
         )
         self._passthrough: httpx.HTTPTransport | None = None
@@ -584,18 +599,10 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         stream = _Stream(response, self, exchange, request)
         if deadline is not None:
             stream.arm(deadline)
-        reply = self._respond(upstream, response, stream)
-        status = response.status
-        outcome = _OUTCOMES[status] if status < _STATUS_LIMIT else Outcome(status)
-        return Attempted(outcome, reply, time.monotonic())
+        return self._answered(upstream, response, stream)
 
     def _release(self, exchange: _Exchange) -> None:
-        if exchange.timer is not None:
-            exchange.timer.cancel()
-        exchange.stats.end()
-        if exchange.limits is not None:
-            exchange.limits.release()
-        if self._pools.release(exchange.entry):
+        if self._give_back(exchange):
             exchange.entry.resource.close()
 
     def _pass_through(self, request: httpx.Request, view: _View) -> httpx.Response:
@@ -765,7 +772,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
 
     def __init__(self, mesh: Mesh, **options: Any) -> None:
         super().__init__(mesh, **options)
-        self._pools: EndpointResources[PoolKey, Any] = EndpointResources(
+        self._pools = EndpointResources(
             lambda key: httpcore.AsyncConnectionPool(**self._pool_options(key[3])), _pool_endpoint
         )
         self._passthrough: httpx.AsyncHTTPTransport | None = None
@@ -850,18 +857,10 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
             exchange.timer = loop.call_later(max(0.0, deadline - time.monotonic()), stream.cut)
         else:
             stream = _AsyncStream(response, self, exchange, request, deadline=deadline)
-        reply = self._respond(upstream, response, stream)
-        status = response.status
-        outcome = _OUTCOMES[status] if status < _STATUS_LIMIT else Outcome(status)
-        return Attempted(outcome, reply, time.monotonic())
+        return self._answered(upstream, response, stream)
 
     async def _release(self, exchange: _Exchange) -> None:
-        if exchange.timer is not None:
-            exchange.timer.cancel()
-        exchange.stats.end()
-        if exchange.limits is not None:
-            exchange.limits.release()
-        if self._pools.release(exchange.entry):
+        if self._give_back(exchange):
             await exchange.entry.resource.aclose()
 
     async def _pass_through(self, request: httpx.Request, view: _View) -> httpx.Response:
