@@ -7,10 +7,24 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
 
 from inmesh import Mesh
 from inmesh.registry import MemoryRegistry
 from inmesh.testing.upstream import Upstream
+
+# Property tests are reproducible (each test's examples derive from its name, not from a
+# database or the clock) and judge no timing: this suite runs on shared 2-core machines,
+# where a stall, or hypothesis building its character tables on a fresh install, can make
+# one draw take seconds.
+settings.register_profile(
+    "inmesh",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("inmesh")
 
 
 @pytest.fixture
