@@ -1008,6 +1008,41 @@ def test_aio_cancel(
     assert mesh.stats.get((up.address, up.port)).active == 0
 
 
+@pytest.mark.parametrize("how", ["awaited at once", "awaited later"])
+def test_aio_cancelling_the_awaiting_task_cancels_the_rpc(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh], how: str
+) -> None:
+    """A task awaiting a mesh call is cancelled (asyncio.wait_for, a TaskGroup): the RPC
+    ends with it, as grpc.aio's own calls do, and gives its endpoint back at once rather
+    than when the server would have answered. Awaited at once, the call runs inline in
+    the task; awaited later, it is already under way on its own."""
+    (up,) = servers("a")
+    up.delay = 5
+    mesh = make_mesh(service_yaml("ratings", [up]))
+    stats = mesh.stats.get((up.address, up.port))
+
+    async def run() -> float:
+        async with MeshAioChannel(mesh, TARGET) as channel:
+
+            async def inline() -> Any:
+                return await channel.unary_unary(GET)(b"")
+
+            call = inline() if how == "awaited at once" else channel.unary_unary(GET)(b"")
+            task = asyncio.ensure_future(call)
+            while not up.calls:
+                await asyncio.sleep(0.01)
+            cancelled = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            while stats.active and time.monotonic() - cancelled < 4:
+                await asyncio.sleep(0.01)
+            return time.monotonic() - cancelled
+
+    assert asyncio.run(asyncio.wait_for(run(), 10)) < 2  # the server would answer at 5 s
+    assert stats.active == 0
+
+
 # ------------------------------------------------------------------------------ channels
 
 

@@ -590,9 +590,15 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
 
     def __await__(self) -> Generator[Any, None, Any]:
         if self._state is _NEW:
-            yield from self._run().__await__()
+            yield from self._run().__await__()  # inline: a cancellation reaches grpc.aio's call
         else:
-            yield from self._wait().__await__()
+            try:
+                yield from self._wait().__await__()
+            except asyncio.CancelledError:
+                # The awaiting task was cancelled (wait_for, a TaskGroup): so is the call,
+                # as a grpc.aio call is when the task awaiting its response is.
+                self.cancel()
+                raise
         if self._cancelled and self._call is None and self._error is None:
             raise asyncio.CancelledError
         if self._error is not None:
