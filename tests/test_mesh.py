@@ -17,6 +17,7 @@ import pytest
 import inmesh
 from inmesh import ConfigError, Mesh, MeshStatus
 from inmesh.registry import MemoryRegistry
+from inmesh.snapshot import _RESOLVED_CAP, Cluster
 from inmesh.testing.upstream import Upstream
 
 from .conftest import service_yaml
@@ -322,3 +323,25 @@ def test_closing_one_mesh_leaves_a_shared_registry_serving_others(
     assert first.status.version == 1
     assert second.status.version == 2
     second.close()
+
+
+def test_cluster_resolution_memo_is_bounded_and_stays_right() -> None:
+    """Resolving a destination is memoized per snapshot; request ports are the caller's to
+    choose, so many of them must neither grow the memo without bound nor go wrong."""
+    one_port = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  ports: [{number: 9080, name: http}]
+  endpoints: [{address: 127.0.0.1}]
+"""
+    with Mesh(MemoryRegistry({"m.yaml": one_port}), watch=False) as mesh:
+        snapshot = mesh.snapshot
+        first = snapshot.resolve(None, "reviews", 9080)
+        assert isinstance(first, Cluster)
+        # A service with one port serves a request on any port (Istio's single-port rule).
+        clusters = {snapshot.resolve(None, "reviews", port) for port in range(1, 6000)}
+        assert clusters == {first}
+        assert 0 < len(snapshot._resolved) <= _RESOLVED_CAP

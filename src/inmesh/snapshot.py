@@ -239,7 +239,7 @@ class Snapshot:
         self.route_table: Callable[[str], RouteTable | None] = routes.lookup()
         self.rule: Callable[[str], DestinationRule | None] = rules.lookup()
         self._clusters = clusters
-        self._resolved: dict[tuple[int, str, int], tuple[Destination | None, Cluster]] = {}
+        self._resolved: dict[tuple[int, str | None, int], tuple[Destination | None, Cluster]] = {}
         self.endpoint_keys: frozenset[EndpointKey] = frozenset(
             e.key for c in clusters.values() for e in c.endpoints
         )
@@ -258,14 +258,19 @@ class Snapshot:
         # Memoized: every request resolves, and the answer only changes with the snapshot.
         # Keyed by the destination's identity, which is cheaper to hash than its value;
         # the entry holds the destination, so the identity cannot pass to another object.
-        # Bounded, because the request port is the caller's to choose.
-        key = (id(destination), host, request_port)
-        found = self._resolved.get(key)
+        # A destination names its host, so the request's counts only without one.
+        # Bounded (the request port and host are the caller's to choose): when full, it
+        # starts afresh.
+        key = (id(destination), host if destination is None else None, request_port)
+        resolved = self._resolved
+        found = resolved.get(key)
         if found is not None:
             return found[1]
         cluster = self._resolve(destination, host, request_port)
-        if isinstance(cluster, Cluster) and len(self._resolved) < _RESOLVED_CAP:
-            self._resolved[key] = (destination, cluster)
+        if isinstance(cluster, Cluster):
+            if len(resolved) >= _RESOLVED_CAP:
+                resolved.clear()
+            resolved[key] = (destination, cluster)
         return cluster
 
     def _resolve(
