@@ -72,15 +72,13 @@ class _Window:
         return bucket
 
     def add(self, now: float) -> None:
-        bucket = int(now / self._slice)  # floor: the clock is never negative
-        if bucket != self._newest:  # a new bucket: drop the expired ones first
-            bucket = self._advance(now)
-        self._counts[bucket % _BUCKETS] += 1
+        if not self.add_current(now):  # a new bucket: drop the expired ones first
+            self._counts[self._advance(now) % _BUCKETS] += 1
 
     def add_current(self, now: float) -> bool:
         """``add`` without the owner's lock, when ``now`` falls in the newest bucket (no
         bucket to expire); False otherwise: take the lock and ``add``."""
-        bucket = int(now / self._slice)
+        bucket = int(now / self._slice)  # floor: the clock is never negative
         if bucket != self._newest:
             return False
         self._counts[bucket % _BUCKETS] += 1
