@@ -3,21 +3,20 @@
     python benchmarks/bench_grpc.py [--calls 2000] [--rounds 20]
 
 One gRPC server process on 127.0.0.1 (raw-bytes echo, so the client's own work is a
-visible share of each call; the client is pinned to one core). The bare channel calls
-the server's address; the mesh channel calls the logical ``ratings:9090``, whose
-VirtualService matches a metadata header and otherwise splits 50/50 by weight between two
-subsets (both the same server, two endpoints' worth of channels: ports via two
-ServiceEntry endpoints would need two servers, and one keeps the comparison fair), with
-the default LEAST_REQUEST balancer. Unary calls, sync and aio. Rounds alternate bare and
-mesh so drift in the machine hits both alike; the figure is the median per-call time
-over rounds, and the median of each round's mesh / bare ratio.
+visible share of each call; the client and the server each have a core of their own).
+The bare channel calls the server's address; the mesh channel calls the logical
+``ratings:9090``, whose VirtualService matches a metadata header and otherwise splits
+50/50 by weight between two subsets (both the same server, two endpoints' worth of
+channels: ports via two ServiceEntry endpoints would need two servers, and one keeps the
+comparison fair), with the default LEAST_REQUEST balancer. Unary calls, sync and aio.
+Rounds alternate bare and mesh so drift in the machine hits both alike; the figure is
+the median per-call time over rounds, and the median of each round's mesh / bare ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from _servers import print_pairs
+from _servers import pin_apart, print_pairs
 from inmesh import Mesh
 from inmesh.registry import MemoryRegistry
 from inmesh.transports.grpc import MeshChannel
@@ -115,8 +114,7 @@ def main() -> None:
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-            os.sched_setaffinity(0, {0})  # the client on one core; the server gets the other
+        pin_apart([server.pid])  # the client on one core; the server gets the other
         run(port, args.calls, args.rounds)
     finally:
         assert server.stdin is not None

@@ -3,19 +3,18 @@
     python benchmarks/bench_http.py [--requests 500] [--rounds 20] [--slow-upstream]
 
 Two upstream processes on 127.0.0.1 (a minimal keep-alive responder, so the client's own
-work is a visible share of each request; the client is pinned to one core). The bare
-client alternates between their URLs; the
-mesh client calls the logical host ``reviews:9080`` whose VirtualService matches a header
-and splits 50/50 by weight between two subsets, each with the default LEAST_REQUEST
-balancer. Rounds alternate bare and mesh so drift in the machine hits both alike; the
-figure is the median per-request time over rounds, and the ratio mesh / bare.
+work is a visible share of each request; the client has core 0 to itself, the upstreams
+the other cores). The bare client alternates between their URLs; the mesh client calls
+the logical host ``reviews:9080`` whose VirtualService matches a header and splits 50/50
+by weight between two subsets, each with the default LEAST_REQUEST balancer. Rounds
+alternate bare and mesh so drift in the machine hits both alike; the figure is the
+median per-request time over rounds, and the ratio mesh / bare.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 
@@ -147,9 +146,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     with upstream_processes("a", "b", fast=not args.slow_upstream) as (a, b):
-        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-            # The client on one core (pinned after the upstreams started, so they are not).
-            os.sched_setaffinity(0, {0})
         bare_urls = [f"http://127.0.0.1:{a}/reviews/0", f"http://127.0.0.1:{b}/reviews/0"]
         mesh_urls = ["http://reviews:9080/reviews/0"] * 2
         mesh = Mesh(MemoryRegistry({"bench.yaml": REGISTRY.format(a=a, b=b)}), seed=1)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from collections import Counter
@@ -240,13 +239,8 @@ def part_b(requests: int) -> None:
 
 def part_c(requests: int, rounds: int) -> None:
     print()
-    pin = hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1
-    if pin:
-        os.sched_setaffinity(0, {1})  # the upstream processes inherit core 1 ...
     kinds = ("bare", "mesh", "full")
     with upstream_processes("a", "b", fast=True) as (a, b):
-        if pin:
-            os.sched_setaffinity(0, {0})  # ... and the client has core 0 to itself
         bare_urls = [f"http://127.0.0.1:{a}/reviews/0", f"http://127.0.0.1:{b}/reviews/0"]
         mesh_urls = [URL, URL]
         plain = make_mesh(service([a, b]))

@@ -227,7 +227,6 @@ def attempt_flow(
             if holds_limit and retry_limit is not None:
                 retry_limit.end()
                 holds_limit = False
-            tried.append(endpoint.key)
             outcome = done.outcome
             if outlier is not None and (
                 outcome.status is not None
@@ -240,7 +239,6 @@ def attempt_flow(
             if deadline is not None and now >= deadline and (timed_out or outcome.status is None):
                 return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint, injected)
 
-            backoff = None
             # A 1xx-3xx answer (for gRPC, one with status OK) is retried only when its code
             # is listed: most calls end here without consulting the policy's tables.
             status = outcome.status
@@ -248,6 +246,7 @@ def attempt_flow(
             plain = (
                 status is not None and status < 400 and (grpc_status is None or grpc_status == "OK")
             )
+            backoff = None
             if (
                 retry is not None
                 and replayable
@@ -257,33 +256,31 @@ def attempt_flow(
                 if retrying is None:  # made on the first failure: most calls never need one
                     retrying = RetryState(retry, rng)
                 backoff = retrying.next_backoff(outcome, attempt=attempt)
-            if backoff is not None and deadline is not None and now + backoff >= deadline:
-                backoff = None
-            if backoff is not None and budget is not None:
-                holds_budget = budget.try_begin_retry(now)
-                if not holds_budget:
+                if backoff is not None and deadline is not None and now + backoff >= deadline:
                     backoff = None
-            # Envoy: with a retry budget, maxRetries is ignored.
-            if backoff is not None and retry_limit is not None and budget is None:
-                holds_limit = retry_limit.try_begin()
-                if not holds_limit:
+                if backoff is not None and budget is not None:
+                    holds_budget = budget.try_begin_retry(now)
+                    if not holds_budget:
+                        backoff = None
+                # Envoy: with a retry budget, maxRetries is ignored.
+                if backoff is not None and retry_limit is not None and budget is None:
+                    holds_limit = retry_limit.try_begin()
+                    if not holds_limit:
+                        backoff = None
+                # The ratio budget last: a withdrawal cannot be given back if another says no.
+                if backoff is not None and ratio is not None and not ratio.try_withdraw(now):
                     backoff = None
                     if holds_budget and budget is not None:
                         budget.end_retry()
                         holds_budget = False
-            # The ratio budget last: a withdrawal cannot be given back if another says no.
-            if backoff is not None and ratio is not None and not ratio.try_withdraw(now):
-                backoff = None
-                if holds_budget and budget is not None:
-                    budget.end_retry()
-                    holds_budget = False
-                if holds_limit and retry_limit is not None:
-                    retry_limit.end()
-                    holds_limit = False
+                    if holds_limit and retry_limit is not None:
+                        retry_limit.end()
+                        holds_limit = False
             if backoff is None:
                 if timed_out:
                     return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint, injected)
                 return Finish(None, done.result, attempt, endpoint, injected)
+            tried.append(endpoint.key)  # the next pick avoids it
             yield Discard(done.result)
             now = yield Wait(backoff)
     finally:

@@ -158,15 +158,6 @@ class CompiledMatch:
     conditions: tuple[tuple[str, Condition], ...]
     source_ok: bool
 
-    def accepts(self, request: RequestView) -> bool:
-        if not self.source_ok:
-            return False
-        # A plain loop, not all(...): this runs for every request and a generator costs more.
-        for _, condition in self.conditions:  # noqa: SIM110
-            if not condition(request):
-                return False
-        return True
-
     def first_failure(self, request: RequestView) -> str | None:
         """The field that rejected the request (for ``explain``), or None if it matches."""
         if not self.source_ok:
@@ -233,15 +224,9 @@ class CompiledRoute:
     destinations: tuple[CompiledDestination, ...]
     cumulative: tuple[int, ...]  # running sums of weights, for a bisect pick
     total_weight: int
-
-    def match(self, request: RequestView) -> CompiledMatch | bool | None:
-        """The match block that accepts the request, True if the route has none, else None."""
-        if not self.matches:
-            return True
-        for block in self.matches:
-            if block.accepts(request):
-                return block
-        return None
+    # The blocks this caller can match (sourceLabels decided), each with its bare
+    # conditions: what ``RouteTable.decide`` tests, with no call per block.
+    live: tuple[tuple[CompiledMatch, tuple[Condition, ...]], ...] = ()
 
     def pick(self, rng: random.Random) -> CompiledDestination | None:
         """A destination drawn by weight (None if every weight is zero)."""
@@ -276,12 +261,18 @@ def compile_route(spec: HTTPRoute, caller_labels: Mapping[str, str]) -> Compiled
             # destination's (most_specific_header_mutations_wins is off by default).
             CompiledDestination(destination, *_ops(destination.headers, spec.headers))
         )
+    matches = tuple(_compile_match(m, i, caller_labels) for i, m in enumerate(spec.match))
     return CompiledRoute(
         spec=spec,
-        matches=tuple(_compile_match(m, i, caller_labels) for i, m in enumerate(spec.match)),
+        matches=matches,
         destinations=tuple(destinations),
         cumulative=tuple(cumulative),
         total_weight=running,
+        live=tuple(
+            (block, tuple(condition for _, condition in block.conditions))
+            for block in matches
+            if block.source_ok
+        ),
     )
 
 
@@ -323,12 +314,21 @@ class RouteTable:
     routes: tuple[CompiledRoute, ...]
 
     def decide(self, request: RequestView, rng: random.Random) -> Decision:
+        # ``CompiledRoute.match`` inlined: this runs for every request, and a call per
+        # route and per block would cost more than the conditions themselves.
+        matched: CompiledMatch | None
         for route in self.routes:
-            block = route.match(request)
-            if block is None:
-                continue
-            matched = None if block is True else block
-            assert not isinstance(matched, bool)
+            matched = None
+            if route.matches:
+                for block, conditions in route.live:
+                    for condition in conditions:
+                        if not condition(request):
+                            break
+                    else:
+                        matched = block
+                        break
+                if matched is None:
+                    continue
             if route.spec.redirect is not None:
                 return Redirect(route, matched, route.spec.redirect)
             destination = route.pick(rng)
