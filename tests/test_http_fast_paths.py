@@ -106,6 +106,8 @@ def test_assembled_headers_equal_httpx_headers(raw: list[tuple[bytes, bytes]]) -
         ([("x-v", "1"), ("X-V", "2")], "x-v", "1, 2"),
         ({"x-e": ""}, "x-e", ""),
         ({}, "x-e", None),
+        ({"x-tier": "gold"}, "X-Tier", "gold"),  # httpx's own lookups ignore case too
+        ([(b"x-\xe9", b"1")], "x-é", "1"),  # not a token: httpx's own lookup
     ],
 )
 @pytest.mark.parametrize("entries", [True, False], ids=["shortcut", "httpx-in"])

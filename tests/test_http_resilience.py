@@ -721,6 +721,36 @@ def test_cancelled_async_calls_give_back_their_pool_admission(
     assert asyncio.run(run()) == 200
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_request_that_cannot_be_built_gives_back_its_pool_admission(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """A method httpcore cannot send (not ASCII) fails that call alone: the admission the
+    flow took for it is given back, so later calls are not refused as overflow."""
+    (up,) = upstreams("up")
+    mesh = make_mesh(
+        service_yaml("reviews", [up]),
+        dr("    connectionPool:\n      http: {http2MaxRequests: 1}"),
+    )
+
+    def sync() -> list[int]:
+        with mesh.client() as client:
+            for _ in range(2):
+                with pytest.raises(UnicodeEncodeError):
+                    client.request("GÉT", URL)
+            return [client.get(URL).status_code for _ in range(2)]
+
+    async def run() -> list[int]:
+        async with mesh.async_client() as client:
+            for _ in range(2):
+                with pytest.raises(UnicodeEncodeError):
+                    await client.request("GÉT", URL)
+            return [(await client.get(URL)).status_code for _ in range(2)]
+
+    assert (sync() if mode == "sync" else asyncio.run(run())) == [200, 200]
+    assert len(up.received) == 2
+
+
 def test_all_endpoints_ejected_means_no_healthy_upstream(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh]
 ) -> None:

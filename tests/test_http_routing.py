@@ -125,6 +125,29 @@ def test_match_conditions(
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_method_given_as_bytes_is_matched_and_sent(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """httpx keeps ``client.request(b"POST", ...)``'s method as bytes; the mesh matches it
+    as text and sends it as it is, as bare httpx does."""
+    v1, v2 = upstreams("v1", "v2")
+    mesh = make_mesh(*two_way(v1, v2, "[{method: {exact: POST}}]"))
+
+    async def run() -> httpx.Response:
+        async with mesh.async_client() as client:
+            return await client.request(b"POST", "http://reviews:9080/", content=b"x")  # type: ignore[arg-type]
+
+    if mode == "sync":
+        with mesh.client() as client:
+            response = client.request(b"POST", "http://reviews:9080/", content=b"x")  # type: ignore[arg-type]
+    else:
+        response = asyncio.run(run())
+    assert response.status_code == 200
+    assert response.headers["x-upstream"] == "v2"
+    assert v2.received[-1].method == "POST"
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_upstream_sees_logical_host_and_caller_keeps_logical_url(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
 ) -> None:

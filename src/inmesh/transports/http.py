@@ -120,7 +120,9 @@ class _View:
 
     def __init__(self, request: httpx.Request) -> None:
         self._request = request
-        self.method = request.method
+        method = request.method
+        # httpx keeps a method given as bytes as bytes: routing matches it as text.
+        self.method = method if isinstance(method, str) else method.decode("ascii")
         self.scheme, self.host, port, self.path, self.query, self.raw_path = _url_parts(request.url)
         self.port = port or _DEFAULT_PORTS.get(self.scheme, 80)
 
@@ -134,8 +136,8 @@ class _View:
         # builds a list of names first, ``get`` raises and catches a KeyError, and
         # ``get_list`` decodes (each several times the cost). A hit is httpx's own.
         headers = self._request.headers
-        if _HEADER_ENTRIES:
-            key = name.encode()
+        if _HEADER_ENTRIES and name.isascii():  # header names are tokens: ASCII
+            key = name.lower().encode()
             for entry in headers._list:
                 if entry[1] == key:
                     return ", ".join(headers.get_list(name))
@@ -458,7 +460,7 @@ class _Exchange:
                 extensions["sni_hostname"] = _hostname(upstream.authority) or view.host
         target = view.raw_path if upstream.path is None else upstream.path.encode()
         self.core_request = _core_request(
-            _METHODS.get(request.method) or request.method.encode("ascii"),
+            _METHODS.get(view.method) or view.method.encode("ascii"),
             (
                 _SCHEMES.get(scheme) or scheme.encode("ascii"),
                 endpoint.address.encode(),
@@ -477,6 +479,18 @@ class _Exchange:
     def where(self) -> str:
         """Where this attempt went, for error messages (built only when one is raised)."""
         return f"{self._host} via {self.cluster} at {self._endpoint}"
+
+
+def _exchange(request: httpx.Request, view: _View, upstream: Upstream, send: Send) -> _Exchange:
+    """The attempt's exchange; if it cannot be built (a method httpcore cannot send), the
+    connection-pool admission the flow took for it is given back before the error goes
+    to the caller."""
+    try:
+        return _Exchange(request, view, upstream, send)
+    except BaseException:
+        if send.limits is not None:
+            send.limits.release()
+        raise
 
 
 class _TransportBase:
@@ -721,7 +735,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         self, request: httpx.Request, view: _View, upstream: Upstream, send: Send
     ) -> Attempted:
         endpoint = send.endpoint
-        exchange = _Exchange(request, view, upstream, send)
+        exchange = _exchange(request, view, upstream, send)
         exchange.entry = self._pools.acquire(exchange.key)
         exchange.stats = stats = self._stats.get(endpoint.key)
         stats.begin()
@@ -954,7 +968,7 @@ class AsyncMeshTransport(_TransportBase, httpx.AsyncBaseTransport):
         self, request: httpx.Request, view: _View, upstream: Upstream, send: Send
     ) -> Attempted:
         endpoint = send.endpoint
-        exchange = _Exchange(request, view, upstream, send)
+        exchange = _exchange(request, view, upstream, send)
         exchange.entry = self._pools.acquire(exchange.key)
         exchange.stats = stats = self._stats.get(endpoint.key)
         stats.begin()
