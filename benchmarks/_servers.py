@@ -13,9 +13,10 @@ from pathlib import Path
 
 
 @contextmanager
-def upstream_processes(*names: str, fast: bool = True) -> Iterator[list[int]]:
-    """Start one upstream process per name; yield their ports; stop them at exit. The
-    client and the upstreams get cores of their own (``pin_apart``).
+def upstream_processes(*names: str, fast: bool = True, pin: bool = True) -> Iterator[list[int]]:
+    """Start one upstream process per name; yield their ports; stop them at exit. With
+    ``pin``, the client and the upstreams get cores of their own (``pin_apart``); without,
+    the client alone is pinned (to core 0) and the upstreams run where the OS puts them.
 
     ``fast`` uses the minimal responder in ``_fast_upstream.py``; otherwise inmesh's
     test upstream (a stdlib ThreadingHTTPServer, ~1 ms a request).
@@ -28,7 +29,7 @@ def upstream_processes(*names: str, fast: bool = True) -> Iterator[list[int]]:
     ]
     try:
         ports = [int(p.stdout.readline()) for p in processes]  # type: ignore[union-attr]
-        pin_apart([p.pid for p in processes])
+        pin_apart([p.pid for p in processes] if pin else [])
         yield ports
     finally:
         for p in processes:

@@ -1,6 +1,7 @@
 """The mesh client against the bare httpx client, same upstreams, same run.
 
     python benchmarks/bench_http.py [--requests 500] [--rounds 20] [--slow-upstream]
+        [--share-cores]
 
 Two upstream processes on 127.0.0.1 (a minimal keep-alive responder, so the client's own
 work is a visible share of each request; the client has core 0 to itself, the upstreams
@@ -144,8 +145,14 @@ def main() -> None:
         action="store_true",
         help="use the stdlib test upstream (~1 ms a request) instead of the fast one",
     )
+    parser.add_argument(
+        "--share-cores",
+        action="store_true",
+        help="leave the upstreams unpinned (they may share the client's core)",
+    )
     args = parser.parse_args()
-    with upstream_processes("a", "b", fast=not args.slow_upstream) as (a, b):
+    upstreams = upstream_processes("a", "b", fast=not args.slow_upstream, pin=not args.share_cores)
+    with upstreams as (a, b):
         bare_urls = [f"http://127.0.0.1:{a}/reviews/0", f"http://127.0.0.1:{b}/reviews/0"]
         mesh_urls = ["http://reviews:9080/reviews/0"] * 2
         mesh = Mesh(MemoryRegistry({"bench.yaml": REGISTRY.format(a=a, b=b)}), seed=1)
