@@ -304,7 +304,7 @@ def part_c(requests: int, rounds: int) -> None:
                 ratio, low, high = paired_ratio(ts, bare_ts)
                 line += (
                     f"   {kind} {statistics.median(ts) * 1e6:6.1f} µs"
-                    f" {ratio:.2f}x ({low:.2f}-{high:.2f})"
+                    f" {ratio:.3f}x ({low:.2f}-{high:.2f})"
                 )
             print(line)
     print("    (ratios: median of each round's mesh/bare pair, interquartile range in brackets)")
