@@ -54,3 +54,31 @@ def test_cancelled_timers_do_not_pile_up() -> None:
         dog.arm(far, _Held().cut).cancel()
     assert len(dog) <= 2 * Watchdog._COMPACT_AT
     assert not live.done
+
+
+def test_the_thread_is_woken_only_for_a_timer_due_before_it_would_wake() -> None:
+    """Timers due after the sleeping thread's next wake-up (every request's, one after
+    another) do not wake it; one due earlier does, and fires on time."""
+    dog = Watchdog()
+    notified = []
+    notify = dog._wake.notify
+
+    def counting(n: int = 1) -> None:
+        notified.append(n)
+        notify(n)
+
+    dog._wake.notify = counting  # type: ignore[method-assign]
+    first = time.monotonic() + 30
+    dog.arm(first, _Held().cut)
+    deadline = time.monotonic() + 5
+    while dog._wakes_at != first and time.monotonic() < deadline:  # the thread sleeps
+        time.sleep(0.001)
+    assert dog._wakes_at == first
+    woken = len(notified)
+    for step in range(1000):
+        dog.arm(first + 1 + step / 1000, _Held().cut).cancel()
+    assert len(notified) == woken
+    fired = threading.Event()
+    dog.arm(time.monotonic() + 0.05, fired.set)
+    assert len(notified) == woken + 1
+    assert fired.wait(5.0)
