@@ -133,6 +133,24 @@ def test_trickled_body_is_cut_at_the_deadline(
     assert mesh.stats.get((trickle.address, trickle.port)).active == 0
 
 
+@pytest.mark.parametrize("mode", [*MODES, "trio"])
+def test_trickled_head_is_cut_at_the_deadline(
+    upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """An upstream that trickles its response head, a header line at a time, gets the
+    route timeout's 504 at the deadline: the timeout is wall-clock from the first byte
+    sent, not a bound on each read."""
+    (trickle,) = upstreams("trickle")
+    trickle.behave(trickle_head=100, interval=0.05)  # 5 s of head
+    mesh = make_mesh(service_yaml("reviews", [trickle]), vs("    timeout: 0.5s"))
+    started = time.monotonic()
+    response = get_once(mesh, mode)
+    assert response.status_code == 504
+    assert response.text.strip() == "upstream request timeout"
+    assert time.monotonic() - started < 3
+    assert mesh.stats.get((trickle.address, trickle.port)).active == 0
+
+
 def test_a_late_deadline_cut_spares_the_connection_reused_after_close(
     upstreams: Callable[..., list[Upstream]], make_mesh: Callable[..., Mesh]
 ) -> None:

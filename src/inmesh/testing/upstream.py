@@ -9,6 +9,7 @@ It can misbehave on request, per request through the query string or for every r
 through ``behave()``: ``status=503`` answers with that status; ``delay=0.5`` waits before
 answering; ``reset=1`` drops the connection with a TCP reset instead of answering;
 ``trickle=N`` sends a body of N bytes one byte every ``interval`` seconds (default 0.05);
+``trickle_head=N`` sends the response head a header line every ``interval`` seconds;
 ``bytes=N`` sends a body of N bytes at once. ``fail_next(n, status)`` makes the next n
 requests fail.
 """
@@ -66,6 +67,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
             return
         status = int(params.get("status", 200))
+        if "trickle_head" in params:
+            lines, interval = int(params["trickle_head"]), float(params.get("interval", 0.05))
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.send_header("x-upstream", upstream.name)
+            try:
+                self.flush_headers()
+                for n in range(lines):
+                    self.wfile.write(b"x-pad-%d: x\r\n" % n)
+                    self.wfile.flush()
+                    time.sleep(interval)
+                self.wfile.write(b"\r\n")
+            except OSError:
+                self.close_connection = True
+            return
         if "trickle" in params:
             size, interval = int(params["trickle"]), float(params.get("interval", 0.05))
             self.send_response(status)

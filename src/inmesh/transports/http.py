@@ -286,6 +286,7 @@ def _replayable(request: httpx.Request) -> bool:
 # The outcome of an answer, built once per status code rather than once per attempt.
 _STATUS_LIMIT = 1000
 _OUTCOMES = tuple(Outcome(status) for status in range(_STATUS_LIMIT))
+_TIMED_OUT = Outcome(failure=Failure.TIMEOUT)
 
 
 _COUNTS = tuple(str(n).encode() for n in range(10))
@@ -739,19 +740,25 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         exchange.entry = self._pools.acquire(exchange.key)
         exchange.stats = stats = self._stats.get(endpoint.key)
         stats.begin()
-        deadline = None if send.timeout is None else time.monotonic() + send.timeout
+        pool = exchange.entry.resource
+        deadline = None
+        if send.timeout is not None:
+            deadline = _Deadline(pool, exchange.core_request)
+            exchange.timer = watchdog.arm(time.monotonic() + send.timeout, deadline.fire)
         try:
-            response = exchange.entry.resource.handle_request(exchange.core_request)
+            response = pool.handle_request(exchange.core_request)
         except BaseException as exc:
+            if deadline is not None:
+                deadline.close()
             self._release(exchange)
             if not isinstance(exc, Exception):
                 raise
-            return Attempted(
-                _outcome(exc, exchange.mesh_phases), _Failed(exc, exchange.where), time.monotonic()
-            )
-        stream = _Stream(response, self, exchange, request)
+            cut = deadline is not None and deadline.cut  # (read after close: fire is over)
+            outcome = _TIMED_OUT if cut else _outcome(exc, exchange.mesh_phases)
+            return Attempted(outcome, _Failed(exc, exchange.where), time.monotonic())
         if deadline is not None:
-            stream.arm(deadline)
+            deadline.answered(response)
+        stream = _Stream(response, self, exchange, request, deadline)
         return self._answered(upstream, response, stream)
 
     def _release(self, exchange: _Exchange) -> None:
@@ -823,12 +830,76 @@ def _cut(response: Any) -> bool:
     if extensions.get("http_version") == b"HTTP/2":
         return False
     stream = extensions.get("network_stream")
-    sock = None if stream is None else stream.get_extra_info("socket")
+    return _shut(None if stream is None else stream.get_extra_info("socket"))
+
+
+def _shut(sock: socket.socket | None) -> bool:
     if sock is None:
         return False
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     return True
+
+
+def _head_socket(pool: Any, request: httpcore.Request) -> socket.socket | None:
+    """The socket an HTTP/1.1 request is waiting on for its response head, found in
+    httpcore's pool; None while the request waits for a connection or connects (those
+    phases have timeouts of their own), over HTTP/2 (the socket carries other streams),
+    or if httpcore's pool no longer looks like this. Only a deadline that has passed
+    looks, so the cost of the search does not matter."""
+    try:
+        for waiting in list(pool._requests):
+            if waiting.request is request:
+                connection = getattr(waiting.connection, "_connection", None)
+                if not isinstance(connection, httpcore.HTTP11Connection):
+                    return None
+                sock: socket.socket | None = connection._network_stream.get_extra_info("socket")
+                return sock
+    except Exception:  # httpcore's internals changed: the per-read timeouts still apply
+        return None
+    return None
+
+
+class _Deadline:
+    """A sync attempt's deadline, armed when the request is sent: the watchdog's thread
+    calls ``fire``, which unblocks the attempt by shutting its socket down, whether it
+    is waiting for the response head or reading the body. (httpcore's timeouts are per
+    read: a head or body trickled a byte at a time would never trip them.) Never once the
+    attempt is over: its connection may be back in the pool and serving another request
+    by then (the watchdog's thread can run late)."""
+
+    __slots__ = ("_lock", "_pool", "_request", "closed", "cut", "response")
+
+    def __init__(self, pool: Any, request: httpcore.Request) -> None:
+        self._lock = threading.Lock()
+        self._pool = pool
+        self._request = request
+        self.response: Any = None  # set when the head has arrived
+        self.closed = False
+        self.cut = False  # the deadline shut the socket down
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            if self.response is None:
+                self.cut = _shut(_head_socket(self._pool, self._request))
+            else:
+                self.cut = _cut(self.response)
+
+    def answered(self, response: Any) -> None:
+        with self._lock:
+            self.response = response
+
+    def has_cut(self) -> bool:
+        """Whether the deadline cut the attempt off. Taken under the lock: a read unblocked
+        by the shutdown can fail before ``fire`` has recorded it."""
+        with self._lock:
+            return self.cut
+
+    def close(self) -> None:
+        with self._lock:  # a cut under way ends first; none can begin after this
+            self.closed = True
 
 
 # asyncio.timeout mishandles a task already being cancelled before 3.11.3 (gh-102780):
@@ -851,15 +922,7 @@ class _Stream(httpx.SyncByteStream):
     """The response body: reading it counts against the attempt's deadline; closing it
     releases what the attempt held."""
 
-    __slots__ = (
-        "_closed",
-        "_cut",
-        "_exchange",
-        "_guard",
-        "_request",
-        "_response",
-        "_transport",
-    )
+    __slots__ = ("_closed", "_deadline", "_exchange", "_request", "_response", "_transport")
 
     def __init__(
         self,
@@ -867,34 +930,25 @@ class _Stream(httpx.SyncByteStream):
         transport: MeshTransport,
         exchange: _Exchange,
         request: httpx.Request,
+        deadline: _Deadline | None,
     ) -> None:
         self._response = response
         self._transport = transport
         self._exchange = exchange
         self._request = request
+        self._deadline = deadline
         self._closed = False
-        self._cut = False
-        self._guard: threading.Lock | None = None  # set when a deadline timer is armed
-
-    def arm(self, deadline: float) -> None:
-        """Cut the body off at ``deadline`` (the watchdog's thread will call ``cut``)."""
-        self._guard = threading.Lock()
-        self._exchange.timer = watchdog.arm(deadline, self.cut)
 
     def cut(self) -> None:
-        """The deadline passed: unblock any read by shutting the socket down. Never once
-        the response is closed: its connection may be back in the pool and serving
-        another request by then (the watchdog's thread can run late)."""
-        assert self._guard is not None  # armed before the timer can fire
-        with self._guard:
-            if not self._closed:
-                self._cut = _cut(self._response)
+        """What the deadline does when it passes (the watchdog's thread calls it)."""
+        if self._deadline is not None:
+            self._deadline.fire()
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._response.stream
         except Exception as exc:
-            if self._cut:
+            if self._deadline is not None and self._deadline.has_cut():
                 raise httpx.ReadTimeout(
                     f"{TIMEOUT_BODY} ({self._exchange.where})", request=self._request
                 ) from exc
@@ -906,12 +960,9 @@ class _Stream(httpx.SyncByteStream):
     def close(self) -> None:
         if self._closed:
             return
-        guard = self._guard
-        if guard is None:
-            self._closed = True
-        else:
-            with guard:  # a cut under way ends first; none can begin after this
-                self._closed = True
+        self._closed = True
+        if self._deadline is not None:
+            self._deadline.close()
         try:
             close = getattr(self._response.stream, "close", None)
             if close is not None:
