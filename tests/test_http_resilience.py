@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+import httpcore
 import httpx
 import pytest
 
@@ -149,6 +150,81 @@ def test_trickled_head_is_cut_at_the_deadline(
     assert response.text.strip() == "upstream request timeout"
     assert time.monotonic() - started < 3
     assert mesh.stats.get((trickle.address, trickle.port)).active == 0
+
+
+def test_a_deadline_spares_a_connection_its_request_lost_to_another(
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpcore can hand one idle connection to two requests, of which one wins and the
+    other tries again. A deadline passing for the loser meanwhile must not cut the
+    winner's socket. (The loser's thread is held up after its assignment, as a thread
+    woken late from the pool's queue is.)"""
+    from httpcore._sync.connection import HTTPConnection
+
+    (up,) = upstreams("up")
+    mesh = make_mesh(service_yaml("reviews", [up]), vs())  # no route timeout
+    sent = HTTPConnection.handle_request
+
+    def late_for_x(self: HTTPConnection, request: httpcore.Request) -> httpcore.Response:
+        if (b"x-who", b"x") in request.headers:
+            time.sleep(0.5)
+        return sent(self, request)
+
+    out: dict[str, object] = {}
+
+    def run(name: str, headers: dict[str, str]) -> None:
+        try:
+            out[name] = client.get(URL, headers=headers).status_code
+        except httpx.HTTPError as exc:
+            out[name] = type(exc).__name__
+
+    with mesh.client() as client:
+        assert client.get(URL).status_code == 200  # one idle keep-alive connection
+        monkeypatch.setattr(HTTPConnection, "handle_request", late_for_x)
+        x = threading.Thread(
+            target=run, args=("x", {"x-who": "x", "x-envoy-upstream-rq-timeout-ms": "300"})
+        )
+        x.start()
+        time.sleep(0.05)  # x holds its assignment; y takes the same connection and wins
+        up.behave(delay=1.0)
+        y = threading.Thread(target=run, args=("y", {"x-who": "y"}))
+        y.start()
+        x.join(10)
+        y.join(10)
+    assert out["y"] == 200  # the healthy request without a deadline is untouched
+    assert out["x"] == 504
+
+
+def test_a_deadline_passed_while_connecting_still_cuts_the_body(
+    upstreams: Callable[..., list[Upstream]],
+    make_mesh: Callable[..., Mesh],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deadline that passes while the attempt connects (a slow TCP handshake, within
+    the connect timeout) cuts the request once it is on the wire: the caller does not
+    wait out a trickled answer."""
+    import httpcore._backends.sync as backend
+
+    (trickle,) = upstreams("trickle")
+    trickle.behave(trickle=60, interval=0.05)  # 3 s of body
+    mesh = make_mesh(service_yaml("reviews", [trickle]), vs("    timeout: 0.2s"))
+    connect = backend.SyncBackend.connect_tcp
+
+    def slow_connect(self: backend.SyncBackend, *args: object, **kwargs: object) -> object:
+        time.sleep(0.3)  # past the deadline: the sleep is not the socket's to time out
+        return connect(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend.SyncBackend, "connect_tcp", slow_connect)
+    started = time.monotonic()
+    with mesh.client() as client:
+        try:  # cut within moments of being sent: before its head (504) or in its body
+            outcome: object = client.get(URL).status_code
+        except httpx.ReadTimeout as exc:
+            outcome = str(exc).split(" (")[0]
+    assert outcome in (504, "upstream request timeout")
+    assert time.monotonic() - started < 2  # not the 3 s the whole body takes
 
 
 def test_a_late_deadline_cut_spares_the_connection_reused_after_close(

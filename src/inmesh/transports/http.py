@@ -841,23 +841,37 @@ def _shut(sock: socket.socket | None) -> bool:
     return True
 
 
-def _head_socket(pool: Any, request: httpcore.Request) -> socket.socket | None:
-    """The socket an HTTP/1.1 request is waiting on for its response head, found in
-    httpcore's pool; None while the request waits for a connection or connects (those
-    phases have timeouts of their own), over HTTP/2 (the socket carries other streams),
-    or if httpcore's pool no longer looks like this. Only a deadline that has passed
-    looks, so the cost of the search does not matter."""
+def _cut_head(pool: Any, request: httpcore.Request) -> bool | None:
+    """Shut down the socket an HTTP/1.1 request is waiting on for its response head: True
+    when done; None when not yet possible (the request waits for a connection, or is
+    connecting: those phases have timeouts of their own), to try again shortly; False
+    when it never will be (HTTP/2, whose socket carries other streams; or httpcore's pool
+    no longer looks as read here, which leaves the per-read timeouts to bound the head).
+
+    Done under the pool's lock, which guards its assignments: httpcore may hand one idle
+    connection to several queued requests, of which one wins and the others try again,
+    so a connection is cut only while this request is the only one it is assigned to.
+    Only a deadline that has passed looks, so the search costs no request anything."""
     try:
-        for waiting in list(pool._requests):
-            if waiting.request is request:
-                connection = getattr(waiting.connection, "_connection", None)
-                if not isinstance(connection, httpcore.HTTP11Connection):
-                    return None
-                sock: socket.socket | None = connection._network_stream.get_extra_info("socket")
-                return sock
+        with pool._optional_thread_lock:
+            waiting = [entry for entry in pool._requests if entry.request is request]
+            if not waiting or waiting[0].connection is None:
+                return None
+            assigned = waiting[0].connection
+            if sum(entry.connection is assigned for entry in pool._requests) > 1:
+                return None
+            connection = getattr(assigned, "_connection", None)
+            if connection is None:  # still connecting
+                return None
+            if not isinstance(connection, httpcore.HTTP11Connection):
+                return False
+            return _shut(connection._network_stream.get_extra_info("socket"))
     except Exception:  # httpcore's internals changed: the per-read timeouts still apply
-        return None
-    return None
+        return False
+
+
+# How soon a passed deadline looks again for a request not yet on the wire.
+_RECHECK = 0.02
 
 
 class _Deadline:
@@ -866,7 +880,9 @@ class _Deadline:
     is waiting for the response head or reading the body. (httpcore's timeouts are per
     read: a head or body trickled a byte at a time would never trip them.) Never once the
     attempt is over: its connection may be back in the pool and serving another request
-    by then (the watchdog's thread can run late)."""
+    by then (the watchdog's thread can run late). A deadline that passes while the
+    request waits for a connection or connects looks again every ``_RECHECK`` seconds,
+    until the request is on the wire or answered, and cuts it then."""
 
     __slots__ = ("_lock", "_pool", "_request", "closed", "cut", "response")
 
@@ -882,10 +898,14 @@ class _Deadline:
         with self._lock:
             if self.closed:
                 return
-            if self.response is None:
-                self.cut = _shut(_head_socket(self._pool, self._request))
-            else:
+            if self.response is not None:
                 self.cut = _cut(self.response)
+                return
+            cut = _cut_head(self._pool, self._request)
+            if cut is None:  # not on the wire yet: look again until it is, or is answered
+                watchdog.arm(time.monotonic() + _RECHECK, self.fire)
+                return
+            self.cut = cut
 
     def answered(self, response: Any) -> None:
         with self._lock:
