@@ -166,9 +166,11 @@ def test_a_deadline_spares_a_connection_its_request_lost_to_another(
     (up,) = upstreams("up")
     mesh = make_mesh(service_yaml("reviews", [up]), vs())  # no route timeout
     sent = HTTPConnection.handle_request
+    assigned = threading.Event()
 
     def late_for_x(self: HTTPConnection, request: httpcore.Request) -> httpcore.Response:
         if (b"x-who", b"x") in request.headers:
+            assigned.set()
             time.sleep(0.5)
         return sent(self, request)
 
@@ -187,7 +189,7 @@ def test_a_deadline_spares_a_connection_its_request_lost_to_another(
             target=run, args=("x", {"x-who": "x", "x-envoy-upstream-rq-timeout-ms": "300"})
         )
         x.start()
-        time.sleep(0.05)  # x holds its assignment; y takes the same connection and wins
+        assert assigned.wait(5)  # x holds its assignment; y takes the same connection, wins
         up.behave(delay=1.0)
         y = threading.Thread(target=run, args=("y", {"x-who": "y"}))
         y.start()
