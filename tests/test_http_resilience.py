@@ -241,7 +241,7 @@ def test_a_late_deadline_cut_spares_the_connection_reused_after_close(
         first = transport.handle_request(client.build_request("GET", URL))
         first.read()
         first.close()  # its connection goes back to the pool
-        late_cut = first.stream.cut  # type: ignore[attr-defined]
+        late_cut = first.stream._deadline.fire  # type: ignore[attr-defined]
         up.behave(delay=0.3)
         second: list[httpx.Response] = []
         thread = threading.Thread(target=lambda: second.append(client.get(URL)))

@@ -228,11 +228,11 @@ def _outcome(exc: Exception, mesh_phases: frozenset[str]) -> Outcome:
     caller's own is the caller's decision and ends the call.
     """
     if isinstance(exc, TimeoutError):  # anyio's deadline around the whole attempt
-        return Outcome(failure=Failure.TIMEOUT)
+        return _TIMED_OUT
     for kind, phase in _PHASES:
         if isinstance(exc, kind):
             if phase in mesh_phases:
-                return Outcome(failure=Failure.TIMEOUT)
+                return _TIMED_OUT
             return Outcome(failure=Failure.CONNECT) if phase == "connect" else Outcome()
     if isinstance(exc, httpcore.ConnectError):
         return Outcome(failure=Failure.CONNECT)
@@ -753,7 +753,7 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
             self._release(exchange)
             if not isinstance(exc, Exception):
                 raise
-            cut = deadline is not None and deadline.cut  # (read after close: fire is over)
+            cut = deadline is not None and deadline.has_cut()  # the head was cut off
             outcome = _TIMED_OUT if cut else _outcome(exc, exchange.mesh_phases)
             return Attempted(outcome, _Failed(exc, exchange.where), time.monotonic())
         if deadline is not None:
@@ -958,11 +958,6 @@ class _Stream(httpx.SyncByteStream):
         self._request = request
         self._deadline = deadline
         self._closed = False
-
-    def cut(self) -> None:
-        """What the deadline does when it passes (the watchdog's thread calls it)."""
-        if self._deadline is not None:
-            self._deadline.fire()
 
     def __iter__(self) -> Iterator[bytes]:
         try:
