@@ -127,16 +127,24 @@ class EndpointStats:
 
     def begin(self) -> None:
         """A request to this endpoint starts."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: this runs per attempt, and ``with`` costs ~40% more
+        try:
             self._active += 1
+        finally:
+            lock.release()
 
     def end(self) -> None:
         """A request to this endpoint is over (answered, failed or cancelled)."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             # Floor at zero: a stray end() must not make an endpoint look idler than idle
             # for the rest of the process's life.
             if self._active > 0:
                 self._active -= 1
+        finally:
+            lock.release()
 
     def __repr__(self) -> str:
         return f"EndpointStats(active={self._active})"

@@ -23,6 +23,7 @@ from inmesh.config.model import (
     QueryHashKey,
 )
 from inmesh.routing import (
+    CompiledRoute,
     Forward,
     NoRoute,
     Redirect,
@@ -34,7 +35,16 @@ from inmesh.routing import (
 )
 from inmesh.snapshot import Cluster, Snapshot
 
-__all__ = ["PASSTHROUGH", "LocalReply", "Passthrough", "Plan", "Upstream", "plan"]
+__all__ = [
+    "PASSTHROUGH",
+    "LocalReply",
+    "Passthrough",
+    "Plan",
+    "Prepared",
+    "Upstream",
+    "plan",
+    "prepare",
+]
 
 
 class LocalReply(NamedTuple):
@@ -124,10 +134,7 @@ def plan(snapshot: Snapshot, request: RequestView, rng: random.Random, *, source
     if isinstance(cluster, NoRoute):
         return LocalReply(cluster.status, cluster.reason)
 
-    path = authority = None
     mirror: Cluster | None = None
-    request_ops: tuple[HeaderOperations, ...] = ()
-    response_ops: tuple[HeaderOperations, ...] = ()
     if forward is not None:
         spec = forward.route.spec
         if spec.mirror is not None:
@@ -135,7 +142,24 @@ def plan(snapshot: Snapshot, request: RequestView, rng: random.Random, *, source
             if share >= 100.0 or rng.random() * 100.0 < share:
                 target = snapshot.resolve(spec.mirror, host, request.port)
                 mirror = None if isinstance(target, NoRoute) else target
-        rewrite = spec.rewrite
+    return _upstream(cluster, request, table, forward, mirror=mirror, source=source)
+
+
+def _upstream(
+    cluster: Cluster,
+    request: RequestView,
+    table: RouteTable | None,
+    forward: Forward | None,
+    *,
+    mirror: Cluster | None,
+    source: str,
+) -> Upstream:
+    """The rest of an upstream plan: what follows from the request alone (no draws)."""
+    path = authority = None
+    request_ops: tuple[HeaderOperations, ...] = ()
+    response_ops: tuple[HeaderOperations, ...] = ()
+    if forward is not None:
+        rewrite = forward.route.spec.rewrite
         if rewrite is not None:
             new_path = rewrite_path(request.path, rewrite, forward.block)
             if new_path != request.path:
@@ -148,3 +172,91 @@ def plan(snapshot: Snapshot, request: RequestView, rng: random.Random, *, source
     return Upstream(
         cluster, table, forward, path, authority, request_ops, response_ops, key, mirror
     )
+
+
+class Prepared:
+    """The plan of a request whose routing inputs never change, made once per snapshot.
+
+    A gRPC call without metadata is such a request: its host, port, method path and
+    (absent) headers are the same on every call, so the route match, cluster resolution,
+    rewrites and hash key are too. What is left per call is what ``plan()`` draws at
+    random, the weighted destination and the mirror share, drawn here with the same calls
+    on the same ``rng`` in the same order, so a seeded Mesh decides alike either way.
+    """
+
+    __slots__ = ("_fixed", "_mirror_share", "_mirrored", "_route", "_unmirrored", "snapshot")
+
+    def __init__(self, snapshot: Snapshot, request: RequestView, *, source: str) -> None:
+        self.snapshot = snapshot
+        self._fixed: Plan | None = None
+        self._route: CompiledRoute | None = None
+        # By the identity of the destination drawn (the route holds each one): the plan
+        # without a mirrored copy, and with one (None when the route does not mirror).
+        self._unmirrored: dict[int, Plan] = {}
+        self._mirrored: dict[int, Upstream | None] = {}
+        self._mirror_share = 100.0
+        table = snapshot.route_table(request.host)
+        # The route and block matched are the request's; the destination is drawn per call.
+        decision = None if table is None else table.decide(request, _ANY_DRAW)
+        if not isinstance(decision, Forward):
+            # No route table, no route, a redirect, or a single destination: no draw in
+            # plan() depends on anything but the request (a lone destination is not drawn).
+            self._fixed = plan(snapshot, request, _NO_DRAWS, source=source)
+            return
+        route = self._route = decision.route
+        spec = route.spec
+        for destination in route.destinations:
+            cluster = snapshot.resolve(destination.spec.destination, request.host, request.port)
+            if isinstance(cluster, NoRoute):
+                self._unmirrored[id(destination)] = LocalReply(cluster.status, cluster.reason)
+                continue
+            forward = Forward(route, decision.block, destination)
+            unmirrored = _upstream(cluster, request, table, forward, mirror=None, source=source)
+            self._unmirrored[id(destination)] = unmirrored
+            if spec.mirror is not None:
+                target = snapshot.resolve(spec.mirror, request.host, request.port)
+                mirror = None if isinstance(target, NoRoute) else target
+                self._mirrored[id(destination)] = unmirrored._replace(mirror=mirror)
+        if spec.mirror_percentage is not None:
+            self._mirror_share = spec.mirror_percentage
+
+    def __call__(self, rng: random.Random) -> Plan:
+        """This call's plan (see ``plan()``)."""
+        fixed = self._fixed
+        if fixed is not None:
+            return fixed
+        route = self._route
+        assert route is not None
+        destination = route.pick(rng)
+        if destination is None:
+            return LocalReply(503, f"route {route.spec.path} has no weight")
+        key = id(destination)
+        mirrored = self._mirrored.get(key)
+        if mirrored is not None:
+            share = self._mirror_share
+            if share >= 100.0 or rng.random() * 100.0 < share:
+                return mirrored
+        return self._unmirrored[key]
+
+
+class _NoDraws(random.Random):
+    """A ``Random`` for decisions that do not draw: a draw would be a bug in ``Prepared``."""
+
+    def random(self) -> float:
+        raise AssertionError("a prepared plan drew at random while preparing")
+
+
+class _AnyDraw(random.Random):
+    """A ``Random`` for a match whose draw is not used (each call draws its own)."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+_NO_DRAWS = _NoDraws(0)
+_ANY_DRAW = _AnyDraw(0)
+
+
+def prepare(snapshot: Snapshot, request: RequestView, *, source: str = "") -> Prepared:
+    """A ``Prepared`` plan for ``request`` (whose routing inputs never change)."""
+    return Prepared(snapshot, request, source=source)

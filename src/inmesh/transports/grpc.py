@@ -67,7 +67,7 @@ from inmesh.balancing import EndpointStats, PickContext
 from inmesh.config.model import ConnectionPoolSettings, HeaderOperations
 from inmesh.endpoints import Endpoint, EndpointKey
 from inmesh.flow import TIMEOUT_BODY, Attempted, Finish, Send, Wait, attempt_flow, fault_abort
-from inmesh.plan import LocalReply, Plan, Upstream, plan
+from inmesh.plan import LocalReply, Plan, Prepared, Upstream, plan, prepare
 from inmesh.resilience.limits import EndpointLimits
 from inmesh.resilience.retry import Failure, Outcome
 from inmesh.testing.faults import OVERLAY, CallRecord
@@ -116,6 +116,7 @@ _MAX_BACKOFF_MS = 120_000
 _MAX_INT32 = 2**31 - 1
 _OK = Outcome(200, grpc_status="OK")
 _ATTEMPT_COUNT = "x-envoy-attempt-count"
+_PREPARED_CAP = 1024
 _COUNTS = tuple(str(n) for n in range(10))
 # What an attempt sends when the caller sent no metadata and the route edits none: made
 # once, and a tuple, which grpcio takes as is (it copies a list into a tuple).
@@ -538,7 +539,9 @@ class ChannelCore:
             self.open_channel, _channel_endpoint
         )
         self.mirrors = MirrorGate(mesh.state)
-        self.views: dict[str, _View] = {}  # by method, for calls without metadata
+        # By method, for calls without metadata: the same request every time, planned
+        # once per snapshot.
+        self.prepared: dict[str, tuple[_View, Prepared]] = {}
         self.closed = False
 
     # -- grpcio channels (the flavour's own)
@@ -571,12 +574,17 @@ class ChannelCore:
         if snapshot.version != self.channels.version:
             for channel in self.channels.retire(snapshot.endpoint_keys, snapshot.version):
                 self.close_channel(channel)
-        view = None if metadata else self.views.get(method)
-        if view is None:
+        if metadata:
             view = _View(self.host, self.port, self.authority, method, metadata)
-            if not metadata:  # without metadata a method's view is always the same value
-                self.views[method] = view
-        return snapshot, view, plan(snapshot, view, self.rng, source=self.source)
+            return snapshot, view, plan(snapshot, view, self.rng, source=self.source)
+        found = self.prepared.get(method)
+        if found is None or found[1].snapshot is not snapshot:
+            view = _View(self.host, self.port, self.authority, method, None)
+            if len(self.prepared) >= _PREPARED_CAP:  # method names are the caller's to choose
+                self.prepared.clear()
+            found = self.prepared[method] = (view, prepare(snapshot, view, source=self.source))
+        view, prepared = found
+        return snapshot, view, prepared(self.rng)
 
     def flow(
         self,

@@ -743,8 +743,9 @@ class MeshTransport(_TransportBase, httpx.BaseTransport):
         pool = exchange.entry.resource
         deadline = None
         if send.timeout is not None:
-            deadline = _Deadline(pool, exchange.core_request)
-            exchange.timer = watchdog.arm(time.monotonic() + send.timeout, deadline.fire)
+            deadline = _Deadline(time.monotonic() + send.timeout, pool, exchange.core_request)
+            watchdog.add(deadline)
+            exchange.timer = deadline
         try:
             response = pool.handle_request(exchange.core_request)
         except BaseException as exc:
@@ -874,7 +875,7 @@ def _cut_head(pool: Any, request: httpcore.Request) -> bool | None:
 _RECHECK = 0.02
 
 
-class _Deadline:
+class _Deadline(Timer):
     """A sync attempt's deadline, armed when the request is sent: the watchdog's thread
     calls ``fire``, which unblocks the attempt by shutting its socket down, whether it
     is waiting for the response head or reading the body. (httpcore's timeouts are per
@@ -882,44 +883,67 @@ class _Deadline:
     attempt is over: its connection may be back in the pool and serving another request
     by then (the watchdog's thread can run late). A deadline that passes while the
     request waits for a connection or connects looks again every ``_RECHECK`` seconds,
-    until the request is on the wire or answered, and cuts it then."""
+    until the request is on the wire or answered, and cuts it then.
+
+    It is its own watchdog timer (one object a request, not two and a bound method), and
+    takes its lock without ``with``, which costs ~40% more: it runs on every request that
+    has a timeout."""
 
     __slots__ = ("_lock", "_pool", "_request", "closed", "cut", "response")
 
-    def __init__(self, pool: Any, request: httpcore.Request) -> None:
+    def __init__(self, deadline: float, pool: Any, request: httpcore.Request) -> None:
+        self.deadline = deadline
+        self.owner = watchdog
+        self.live = True
         self._lock = threading.Lock()
         self._pool = pool
-        self._request = request
+        self._request: httpcore.Request | None = request
         self.response: Any = None  # set when the head has arrived
         self.closed = False
         self.cut = False  # the deadline shut the socket down
 
     def fire(self) -> None:
         with self._lock:
-            if self.closed:
+            request = self._request
+            if self.closed or request is None:
                 return
             if self.response is not None:
                 self.cut = _cut(self.response)
                 return
-            cut = _cut_head(self._pool, self._request)
+            cut = _cut_head(self._pool, request)
             if cut is None:  # not on the wire yet: look again until it is, or is answered
                 watchdog.arm(time.monotonic() + _RECHECK, self.fire)
                 return
             self.cut = cut
 
     def answered(self, response: Any) -> None:
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             self.response = response
+        finally:
+            lock.release()
 
     def has_cut(self) -> bool:
         """Whether the deadline cut the attempt off. Taken under the lock: a read unblocked
         by the shutdown can fail before ``fire`` has recorded it."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             return self.cut
+        finally:
+            lock.release()
 
     def close(self) -> None:
-        with self._lock:  # a cut under way ends first; none can begin after this
+        """The attempt is over: no cut from now on (one under way ends first), and what
+        the deadline held goes (the watchdog's heap keeps the object a while longer)."""
+        lock = self._lock
+        lock.acquire()
+        try:
             self.closed = True
+            self._pool = self._request = self.response = None
+        finally:
+            lock.release()
 
 
 # asyncio.timeout mishandles a task already being cancelled before 3.11.3 (gh-102780):
