@@ -52,6 +52,11 @@ __all__ = [
     "fault_abort",
 ]
 
+# ``_tuple(Cls, (fields...))`` builds what ``Cls(fields...)`` builds, a NamedTuple, without
+# its Python-level ``__new__`` (~40% cheaper): for the tuples made on every call. All
+# fields, in order.
+_tuple = tuple.__new__
+
 FAULT_ABORT_BODY = "fault filter abort"
 TIMEOUT_BODY = "upstream request timeout"
 
@@ -219,7 +224,7 @@ def attempt_flow(
             if deadline is not None:
                 remaining = deadline - now
                 timeout = remaining if timeout is None else min(timeout, remaining)
-            done: Attempted = yield Send(endpoint, attempt, timeout, limits)
+            done: Attempted = yield _tuple(Send, (endpoint, attempt, timeout, limits))
             now = done.now
             if holds_budget and budget is not None:
                 budget.end_retry()
@@ -279,7 +284,7 @@ def attempt_flow(
             if backoff is None:
                 if timed_out:
                     return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt, endpoint, injected)
-                return Finish(None, done.result, attempt, endpoint, injected)
+                return _tuple(Finish, (None, done.result, attempt, endpoint, injected))
             tried.append(endpoint.key)  # the next pick avoids it
             yield Discard(done.result)
             now = yield Wait(backoff)

@@ -37,6 +37,7 @@ from inmesh.transports.grpc import (
     ChannelCore,
     Started,
     _Code,
+    _tuple,
     attempt_metadata,
     cancelled_details,
     edited_initial_metadata,
@@ -586,7 +587,7 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
             return Attempted(outcome_of(error, send.timeout, now - started), error, now)
         finally:
             end()
-        return Attempted(_OK, (response, call), time.monotonic())
+        return _tuple(Attempted, (_OK, (response, call), time.monotonic()))
 
     def __await__(self) -> Generator[Any, None, Any]:
         if self._state is _NEW:
