@@ -45,11 +45,12 @@ from inmesh.transports.grpc import (
     outcome_of,
     reply_details,
     reply_trailers,
-    upstream_of,
 )
 
 if TYPE_CHECKING:
+    from inmesh.balancing import EndpointStats
     from inmesh.mesh import Mesh
+    from inmesh.transports._resources import Entry
 
 __all__ = ["MeshAioChannel"]
 
@@ -340,9 +341,45 @@ class _AioCall:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        """The call, start to end: plan, drive the attempt flow, deliver the result (or
+        keep the error). One coroutine: it runs on every call."""
         self._state = _RUNNING
         try:
-            self._deliver(await self._drive())
+            owner = self._owner
+            core = owner._core
+            snapshot, view, decision = core.start(owner._spec.method, self._metadata)
+            if isinstance(decision, LocalReply):
+                self._deliver(core.deliver(view, None, Finish(decision, None, 0, None)))
+                return
+            upstream = self._upstream = decision if isinstance(decision, Upstream) else None
+            if (
+                upstream is not None
+                and upstream.mirror is not None
+                and owner._spec.shape == "unary_unary"
+                and core.mirror_admit(snapshot)
+            ):
+                core.mirror(owner._spec, self._request, self._metadata, upstream)
+            deadline = self._deadline
+            flow = core.flow(
+                snapshot, view, decision, replayable=owner._replayable, deadline=deadline
+            )
+            try:
+                command = next(flow)
+                while True:
+                    if isinstance(command, Send):
+                        command = flow.send(await self._attempt(upstream, command))
+                    elif isinstance(command, Wait):
+                        await asyncio.sleep(core.wait_seconds(command, deadline))
+                        if self._cancelled:
+                            raise asyncio.CancelledError
+                        command = flow.send(time.monotonic())
+                    else:  # Discard: a failed attempt's call has ended already
+                        command = flow.send(None)
+            except StopIteration as stop:
+                finish: Finish = stop.value
+            finally:
+                flow.close()
+            self._deliver(core.deliver(view, upstream, finish))
         except asyncio.CancelledError:
             self._cancelled = True
             raise
@@ -376,43 +413,11 @@ class _AioCall:
     def _deliver(self, result: Any) -> None:
         raise NotImplementedError
 
-    async def _drive(self) -> Any:
-        owner = self._owner
-        core = owner._core
-        snapshot, view, decision = core.start(owner._spec.method, self._metadata)
-        if isinstance(decision, LocalReply):
-            return core.deliver(view, None, Finish(decision, None, 0, None))
-        upstream = self._upstream = upstream_of(decision)
-        if (
-            upstream is not None
-            and upstream.mirror is not None
-            and owner._spec.shape == "unary_unary"
-            and core.mirror_admit(snapshot)
-        ):
-            core.mirror(owner._spec, self._request, self._metadata, upstream)
-        deadline = self._deadline
-        flow = core.flow(snapshot, view, decision, replayable=owner._replayable, deadline=deadline)
-        try:
-            command = next(flow)
-            while True:
-                if isinstance(command, Send):
-                    command = flow.send(await self._attempt(upstream, command))
-                elif isinstance(command, Wait):
-                    await asyncio.sleep(core.wait_seconds(command, deadline))
-                    if self._cancelled:
-                        raise asyncio.CancelledError
-                    command = flow.send(time.monotonic())
-                else:  # Discard: a failed attempt's call has ended already
-                    command = flow.send(None)
-        except StopIteration as stop:
-            finish: Finish = stop.value
-        finally:
-            flow.close()
-        return core.deliver(view, upstream, finish)
-
-    def _begin(self, upstream: Upstream | None, send: Send) -> tuple[Any, Callable[[], None]]:
+    def _begin(
+        self, upstream: Upstream | None, send: Send
+    ) -> tuple[Any, Entry[Any], EndpointStats]:
         """Start an attempt's grpc.aio call, holding its endpoint channel and counting it
-        active; call the returned ``end`` once, when the call is over or as it ends."""
+        active; ``_end`` gives both back."""
         core = self._owner._core
         entry, stats = core.enter(upstream, send.endpoint)
         limits = send.limits
@@ -437,16 +442,17 @@ class _AioCall:
         self._current = call
         if self._ready is not None:
             self._ready.set()
+        return call, entry, stats
 
-        def end() -> None:
-            # Now if the call is over (a unary answer or error: the usual case, which saves
-            # grpc.aio a callback), else when it ends (cancelled, or a stream under way).
-            if call.done():
-                core.leave(entry, stats, limits)
-            else:
-                call.add_done_callback(lambda _: core.leave(entry, stats, limits))
-
-        return call, end
+    def _end(self, call: Any, entry: Entry[Any], stats: EndpointStats, send: Send) -> None:
+        """Give back what ``_begin`` took, once: now if the call is over (a unary answer or
+        error: the usual case, which saves grpc.aio a callback), else when it ends
+        (cancelled, or a stream under way)."""
+        core, limits = self._owner._core, send.limits
+        if call.done():
+            core.leave(entry, stats, limits)
+        else:
+            call.add_done_callback(lambda _: core.leave(entry, stats, limits))
 
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
         raise NotImplementedError
@@ -578,7 +584,7 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
         self._response, self._call = result
 
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
-        call, end = self._begin(upstream, send)
+        call, entry, stats = self._begin(upstream, send)
         started = time.monotonic()
         try:
             response = await call
@@ -586,7 +592,7 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
             now = time.monotonic()
             return Attempted(outcome_of(error, send.timeout, now - started), error, now)
         finally:
-            end()
+            self._end(call, entry, stats, send)
         return _tuple(Attempted, (_OK, (response, call), time.monotonic()))
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -617,8 +623,8 @@ class _AioStreamResponseCall(_AioCall, grpc.aio.UnaryStreamCall, grpc.aio.Stream
         self._call, self._first = result
 
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
-        call, end = self._begin(upstream, send)
-        end()  # a stream goes on after its first message: its hold goes when it ends
+        call, entry, stats = self._begin(upstream, send)
+        self._end(call, entry, stats, send)  # a stream goes on: its hold goes when it ends
         started = time.monotonic()
         try:
             first = await call.read()
