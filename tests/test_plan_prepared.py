@@ -19,25 +19,25 @@ from inmesh.registry import MemoryRegistry
 SERVICES = """\
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: ratings}
+metadata: {{name: ratings}}
 spec:
   hosts: [ratings]
-  ports: [{number: 9090, name: grpc, protocol: GRPC}]
+  ports: [{{number: 9090, name: grpc, protocol: GRPC}}]
   endpoints:
-  - {address: 10.0.0.1, labels: {version: v1}}
-  - {address: 10.0.0.2, labels: {version: v2}}
-  - {address: 10.0.0.3, labels: {version: v3}}
+  - {{address: 10.0.0.1, labels: {{version: v1}}}}
+  - {{address: 10.0.0.2, labels: {{version: v2}}}}
+  - {{address: 10.0.0.3, labels: {{version: v3}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {name: ratings}
+metadata: {{name: ratings}}
 spec:
   host: ratings
-  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: end-user}}}
+  trafficPolicy: {{loadBalancer: {{consistentHash: {{httpHeaderName: {hash_header}}}}}}}
   subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+  - {{name: v3, labels: {{version: v3}}}}
 """
 
 ROUTES = {
@@ -103,8 +103,8 @@ class Call:
         return "application/grpc" if name == "content-type" else None
 
 
-def snapshot_for(routes: str | None) -> Mesh:
-    documents = SERVICES
+def snapshot_for(routes: str | None, hash_header: str = "end-user") -> Mesh:
+    documents = SERVICES.format(hash_header=hash_header)
     if routes is not None:
         documents += (
             "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n"
@@ -132,10 +132,14 @@ def described(decision: Plan) -> object:
 
 @pytest.mark.parametrize("routes", ROUTES.values(), ids=ROUTES.keys())
 @pytest.mark.parametrize("path", ["/ratings.Ratings/Get", "/ratings.Admin/Reset"])
-def test_prepared_plan_decides_as_plan_does(routes: str | None, path: str) -> None:
+@pytest.mark.parametrize("hash_header", ["end-user", "content-type"])
+def test_prepared_plan_decides_as_plan_does(
+    routes: str | None, path: str, hash_header: str
+) -> None:
     """Over many seeded calls, a prepared plan gives what ``plan()`` gives for the same
-    request, and leaves the generator in the same state (the same draws were made)."""
-    mesh = snapshot_for(routes)
+    request, and leaves the generator in the same state (the same draws were made).
+    Hashing on ``content-type`` (which a gRPC call always has) gives every plan a key."""
+    mesh = snapshot_for(routes, hash_header)
     snapshot = mesh.snapshot
     call = Call(path)
     prepared = prepare(snapshot, call, source="caller")

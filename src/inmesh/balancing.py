@@ -127,24 +127,16 @@ class EndpointStats:
 
     def begin(self) -> None:
         """A request to this endpoint starts."""
-        lock = self._lock
-        lock.acquire()  # not ``with``: this runs per attempt, and ``with`` costs ~40% more
-        try:
+        with self._lock:
             self._active += 1
-        finally:
-            lock.release()
 
     def end(self) -> None:
         """A request to this endpoint is over (answered, failed or cancelled)."""
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             # Floor at zero: a stray end() must not make an endpoint look idler than idle
             # for the rest of the process's life.
             if self._active > 0:
                 self._active -= 1
-        finally:
-            lock.release()
 
     def __repr__(self) -> str:
         return f"EndpointStats(active={self._active})"

@@ -197,16 +197,17 @@ class Prepared:
         self._fixed: Plan | None = None
         self._route: CompiledRoute | None = None
         # By the identity of the destination drawn (the route holds each one): the plan
-        # without a mirrored copy, and with one (None when the route does not mirror).
+        # without a mirrored copy, and the plan with one (only when the route mirrors
+        # and the destination resolves).
         self._unmirrored: dict[int, Plan] = {}
-        self._mirrored: dict[int, Upstream | None] = {}
+        self._mirrored: dict[int, Upstream] = {}
         self._mirror_share = 100.0
         table = snapshot.route_table(request.host)
         # The route and block matched are the request's; the destination is drawn per call.
         decision = None if table is None else table.decide(request, _ANY_DRAW)
         if not isinstance(decision, Forward):
-            # No route table, no route, a redirect, or a single destination: no draw in
-            # plan() depends on anything but the request (a lone destination is not drawn).
+            # No route table, no route (all weights zero included), or a redirect: plan()
+            # draws nothing for these, so its answer is the same on every call.
             self._fixed = plan(snapshot, request, _NO_DRAWS, source=source)
             return
         route = self._route = decision.route

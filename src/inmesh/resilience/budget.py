@@ -118,24 +118,16 @@ class ConcurrencyBudget:
 
     def request_started(self, now: float) -> None:
         """A call to the cluster begins (once per call, not per attempt)."""
-        lock = self._lock
-        lock.acquire()  # not ``with``: this runs per call, and ``with`` costs ~40% more
-        try:
+        with self._lock:
             self._active += 1
             if self._window is not None:
                 self._window.add(now)
-        finally:
-            lock.release()
 
     def request_finished(self, now: float) -> None:  # noqa: ARG002 -- symmetric with started
         """A call to the cluster is over, however it ended."""
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             if self._active > 0:  # a stray call must not drive the figure negative
                 self._active -= 1
-        finally:
-            lock.release()
 
     def limit(self, now: float) -> int:
         """How many retries may be in flight at ``now``."""

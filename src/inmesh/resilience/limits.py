@@ -89,26 +89,18 @@ class EndpointLimits:
 
     def try_admit(self) -> bool:
         """Take a place for one request; ``False`` is an overflow: answer 503, send nothing."""
-        lock = self._lock
-        lock.acquire()  # not ``with``: this runs per attempt, and ``with`` costs ~40% more
-        try:
+        with self._lock:
             cap = self._cap
             if cap is not None and self._in_flight >= cap:
                 return False
             self._in_flight += 1
             return True
-        finally:
-            lock.release()
 
     def release(self) -> None:
         """The admitted request is over (answered, failed or cancelled)."""
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             if self._in_flight > 0:  # a stray release must not open room for good
                 self._in_flight -= 1
-        finally:
-            lock.release()
 
     def __repr__(self) -> str:
         return f"EndpointLimits(in_flight={self._in_flight}, cap={self._cap})"

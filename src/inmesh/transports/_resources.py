@@ -49,30 +49,19 @@ class EndpointResources(Generic[K, R]):
         self._lock = threading.Lock()
         self.version = -1
 
-    # acquire() and release() run per call: they take the lock without ``with``, which
-    # costs ~40% more.
-
     def acquire(self, key: K) -> Entry[R]:
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             entry = self.entries.get(key)
             if entry is None:
                 entry = self.entries[key] = Entry(self._factory(key))
             entry.active += 1
             return entry
-        finally:
-            lock.release()
 
     def release(self, entry: Entry[R]) -> bool:
         """Count a call ended; True if the resource is now retired and idle (close it)."""
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             entry.active -= 1
             return entry.retired and entry.active == 0
-        finally:
-            lock.release()
 
     def retire(self, keep: frozenset[EndpointKey], version: int) -> list[R]:
         """Retire the resources of endpoints not in ``keep`` (once per snapshot version);

@@ -577,6 +577,7 @@ class ChannelCore:
         if snapshot.version != self.channels.version:
             for channel in self.channels.retire(snapshot.endpoint_keys, snapshot.version):
                 self.close_channel(channel)
+            self.prepared.clear()  # made from older snapshots, which they would keep alive
         if metadata:
             view = _View(self.host, self.port, self.authority, method, metadata)
             return snapshot, view, plan(snapshot, view, self.rng, source=self.source)
