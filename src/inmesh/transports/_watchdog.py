@@ -22,10 +22,11 @@ __all__ = ["Timer", "Watchdog", "watchdog"]
 class Timer:
     """Fired by the watchdog's thread at ``deadline``, unless cancelled first. ``arm``
     makes one that calls a callback; a subclass says what firing does itself (``fire``)
-    and what it lets go of when cancelled (``let_go``), and is armed with ``add``: one
-    object per deadline rather than a timer and a bound method. Its fields are
-    ``deadline``, ``owner`` and ``live``; a subclass whose ``__init__`` sets them itself
-    (to save a call) must set them all."""
+    and is armed with ``add``: one object per deadline rather than a timer and a bound
+    method. Its fields are ``deadline``, ``owner`` and ``live``; a subclass whose
+    ``__init__`` sets them itself (to save a call) must set them all. The heap keeps a
+    cancelled timer until the thread or a compaction reaches it: a subclass lets go of
+    what it holds (a response, its connection) when it is cancelled or before."""
 
     __slots__ = ("deadline", "live", "owner")
 
@@ -41,19 +42,13 @@ class Timer:
 
     def cancel(self) -> None:
         """Never fire, unless the thread has already taken the timer: a caller whose
-        cleanup must not race a late firing guards ``fire`` itself. What the timer holds
-        (a response, its connection) is let go at once; the heap entry goes when the
-        thread or a compaction reaches it."""
+        cleanup must not race a late firing guards ``fire`` itself."""
         if self.live:
             self.live = False
-            self.let_go()
             self.owner._cancelled()
 
     def fire(self) -> None:
         raise NotImplementedError
-
-    def let_go(self) -> None:
-        pass
 
 
 class _Callback(Timer):
@@ -71,8 +66,9 @@ class _Callback(Timer):
         if callback is not None:
             callback()
 
-    def let_go(self) -> None:
-        self.callback = None
+    def cancel(self) -> None:
+        self.callback = None  # let go of it (and all it holds) at once
+        Timer.cancel(self)
 
 
 class Watchdog:

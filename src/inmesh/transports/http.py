@@ -890,7 +890,7 @@ class _Deadline(Timer):
 
     It is its own watchdog timer (one object a request, not two and a bound method). The
     attempt always closes it before cancelling it, and ``close`` lets go of what it holds
-    (the pool, the request, the response), so ``let_go`` has nothing left to do."""
+    (the pool, the request, the response)."""
 
     __slots__ = ("_lock", "_pool", "_request", "closed", "cut", "response")
 
@@ -922,8 +922,10 @@ class _Deadline(Timer):
             self.cut = cut
 
     def answered(self, response: Any) -> None:
-        with self._lock:
-            self.response = response
+        # Without the lock: a ``fire`` that misses the response cuts the request's
+        # connection through the pool instead (the request is on the wire), which ends
+        # the body's reads as surely.
+        self.response = response
 
     def has_cut(self) -> bool:
         """Whether the deadline cut the attempt off. Taken under the lock: a read unblocked
