@@ -23,17 +23,17 @@ class Timer:
     """Fired by the watchdog's thread at ``deadline``, unless cancelled first. ``arm``
     makes one that calls a callback; a subclass says what firing does itself (``fire``)
     and is armed with ``add``: one object per deadline rather than a timer and a bound
-    method. Its fields are ``deadline``, ``owner`` and ``live``; a subclass whose
-    ``__init__`` sets them itself (to save a call) must set them all. The heap keeps a
-    cancelled timer until the thread or a compaction reaches it: a subclass lets go of
-    what it holds (a response, its connection) when it is cancelled or before."""
+    method. Its fields are ``deadline``, ``owner`` and ``live`` (True until cancelled or
+    taken), which each subclass's ``__init__`` sets itself: a call fewer on every
+    request than a base constructor would cost. The heap keeps a cancelled timer until
+    the thread or a compaction reaches it: a subclass lets go of what it holds (a
+    response, its connection) when it is cancelled or before."""
 
     __slots__ = ("deadline", "live", "owner")
 
-    def __init__(self, deadline: float, owner: Watchdog) -> None:
-        self.deadline = deadline
-        self.owner = owner
-        self.live = True
+    deadline: float
+    owner: Watchdog
+    live: bool
 
     @property
     def done(self) -> bool:
@@ -55,7 +55,6 @@ class _Callback(Timer):
     __slots__ = ("callback",)
 
     def __init__(self, deadline: float, owner: Watchdog, callback: Callable[[], None]) -> None:
-        # Timer's fields set here: a call fewer (see Timer's docstring).
         self.deadline = deadline
         self.owner = owner
         self.live = True

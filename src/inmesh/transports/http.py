@@ -895,8 +895,7 @@ class _Deadline(Timer):
     __slots__ = ("_lock", "_pool", "_request", "closed", "cut", "response")
 
     def __init__(self, deadline: float, pool: Any, request: httpcore.Request) -> None:
-        # Timer's fields, set here rather than through Timer.__init__: a call fewer on
-        # every request. (Timer's docstring lists them.)
+        # Timer's fields (its docstring lists them), then the deadline's own.
         self.deadline = deadline
         self.owner = watchdog
         self.live = True
