@@ -3,8 +3,19 @@ bound on mirrored requests in flight: the bookkeeping both adapters share.
 
 Each endpoint gets its own resource, so one slow endpoint cannot take what another
 needs. When an endpoint leaves the registry its resource is retired: no new calls get
-it, and it is closed once its last call ends. The bookkeeping runs under a lock; closing
-(I/O) is the caller's, after the lock is released.
+it, and it is closed once its last call ends. Closing (I/O) is the caller's, after the
+bookkeeping is done.
+
+Theory of operation. Every call takes and gives back its endpoint's resource, so that
+pair is lock-free: the resource is found by a dict read and its calls are counted as the
+length of a list (``append``/``pop``, each atomic, as in ``EndpointStats``). Only the
+rare events lock: creating a resource, retiring one, and deciding to close one, which
+happens exactly once, under the lock, marked by ``closed``. The order of the lock-free
+steps makes that decision safe: ``acquire`` counts the call *before* it looks at
+``retired``, and ``retire`` sets ``retired`` *before* it looks at the count, so one of
+the two always sees the other. A call that finds its resource retired keeps it if it is
+not closed yet (its own count holds it open; its ``release`` will close it), and
+otherwise takes the locked path to a fresh one.
 """
 
 from __future__ import annotations
@@ -27,13 +38,19 @@ R = TypeVar("R")
 class Entry(Generic[R]):
     """One endpoint's resource, its calls in flight, and a cache its user may fill."""
 
-    __slots__ = ("active", "cache", "resource", "retired")
+    __slots__ = ("cache", "calls", "closed", "resource", "retired")
 
     def __init__(self, resource: R) -> None:
         self.resource = resource
-        self.active = 0
+        self.calls: list[None] = []  # one item per call in flight
         self.retired = False
+        self.closed = False  # decided under the lock, once
         self.cache: dict[Any, Any] = {}
+
+    @property
+    def active(self) -> int:
+        """Calls in flight."""
+        return len(self.calls)
 
 
 class EndpointResources(Generic[K, R]):
@@ -50,18 +67,38 @@ class EndpointResources(Generic[K, R]):
         self.version = -1
 
     def acquire(self, key: K) -> Entry[R]:
+        """The resource for ``key``, counted in use until ``release``."""
+        entry = self.entries.get(key)
+        if entry is not None:
+            entry.calls.append(None)  # count first, then look (see the module docstring)
+            if not entry.retired or self._keep_retired(entry):
+                return entry
         with self._lock:
             entry = self.entries.get(key)
             if entry is None:
                 entry = self.entries[key] = Entry(self._factory(key))
-            entry.active += 1
+            entry.calls.append(None)  # under the lock: ``retire`` cannot be midway
             return entry
+
+    def _keep_retired(self, entry: Entry[R]) -> bool:
+        """A counted call found ``entry`` retired: keep it unless it is closed already
+        (then take the count back: the call gets a fresh resource)."""
+        with self._lock:
+            if not entry.closed:
+                return True
+            entry.calls.pop()
+            return False
 
     def release(self, entry: Entry[R]) -> bool:
         """Count a call ended; True if the resource is now retired and idle (close it)."""
+        entry.calls.pop()
+        if not entry.retired or entry.calls:
+            return False
         with self._lock:
-            entry.active -= 1
-            return entry.retired and entry.active == 0
+            if entry.closed or entry.calls:
+                return False
+            entry.closed = True
+            return True
 
     def retire(self, keep: frozenset[EndpointKey], version: int) -> list[R]:
         """Retire the resources of endpoints not in ``keep`` (once per snapshot version);
@@ -75,8 +112,9 @@ class EndpointResources(Generic[K, R]):
                 endpoint = self._endpoint_of(key)
                 if endpoint is not None and endpoint not in keep:
                     del self.entries[key]
-                    entry.retired = True
-                    if entry.active == 0:
+                    entry.retired = True  # set first, then look at the count
+                    if not entry.calls:
+                        entry.closed = True
                         idle.append(entry.resource)
             return idle
 
@@ -85,7 +123,7 @@ class EndpointResources(Generic[K, R]):
         with self._lock:
             resources = [e.resource for e in self.entries.values()]
             for entry in self.entries.values():
-                entry.retired = True
+                entry.retired = entry.closed = True
             self.entries.clear()
             return resources
 
