@@ -28,7 +28,7 @@ from inmesh import Mesh, UpstreamError
 from inmesh.registry import MemoryRegistry
 from inmesh.testing.faults import MeshFaults
 from inmesh.transports.grpc import MeshChannel, attempt_metadata
-from inmesh.transports.grpc_aio import MeshAioChannel
+from inmesh.transports.grpc_aio import MeshAioChannel, sent_metadata
 
 from .grpc_helpers import (
     GrpcUpstream,
@@ -556,6 +556,25 @@ def test_attempt_metadata_forms() -> None:
     assert list(attempt_metadata(given, None, 2)) == [*given, ("x-envoy-attempt-count", "2")]
     assert list(attempt_metadata(given, None, 10)) == [*given, ("x-envoy-attempt-count", "10")]
     assert given == [("a", "1"), ("b", b"\x00")]  # the caller's own list is left alone
+
+
+@pytest.mark.parametrize(
+    ("metadata", "attempt"),
+    [(None, 1), (None, 2), (None, 12), ([("a", "1"), ("a", "2"), ("b", b"\x00")], 1)],
+)
+def test_aio_attempt_metadata_is_a_metadata_with_the_same_pairs(
+    metadata: list[tuple[str, Any]] | None, attempt: int
+) -> None:
+    """grpc.aio gets what ``attempt_metadata`` says, as a ``grpc.aio.Metadata`` whose every
+    view (iteration, length, lookups) agrees with it."""
+    sent = sent_metadata(metadata, None, attempt)
+    pairs = attempt_metadata(metadata, None, attempt)
+    assert isinstance(sent, grpc.aio.Metadata)
+    assert tuple(sent) == tuple(pairs)
+    assert len(sent) == len(pairs)
+    assert sent == grpc.aio.Metadata(*pairs)
+    assert sent["x-envoy-attempt-count"] == str(attempt)
+    assert sent.get_all("a") == [v for k, v in pairs if k == "a"]
 
 
 @pytest.mark.parametrize("mode", MODES)

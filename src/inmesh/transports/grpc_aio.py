@@ -30,6 +30,7 @@ import grpc.aio  # type: ignore[import-untyped]
 from inmesh.flow import Attempted, Finish, Send, Wait
 from inmesh.plan import LocalReply, Upstream
 from inmesh.transports.grpc import (
+    _COUNT_ONLY,
     _NOTHING,
     _OK,
     MIRROR_TIMEOUT,
@@ -57,6 +58,37 @@ __all__ = ["MeshAioChannel"]
 log = logging.getLogger("inmesh.grpc")
 
 _EOF = grpc.aio.EOF
+
+
+class _SentMetadata(grpc.aio.Metadata):  # type: ignore[misc]  # grpc is untyped
+    """What one attempt sends, handed to grpc.aio as the ``Metadata`` it converts any other
+    metadata to, and read back as fast as it is read: grpc.aio tests it for truth and
+    iterates it once into a tuple. A plain tuple costs ~21,000 instructions a call in that
+    conversion, a prebuilt one of these ~5,000 (an empty call ~8,000). Never changed after
+    it is made: grpc.aio only reads it, and the mesh's endpoint channels have no
+    interceptors."""
+
+    def __init__(self, *pairs: tuple[str, Any]) -> None:
+        super().__init__(*pairs)
+        self._pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __iter__(self) -> Any:
+        return iter(self._pairs)
+
+
+# The usual attempt's: no caller metadata, no route edits; made once.
+_SENT_COUNT_ONLY = tuple(_SentMetadata(*pairs) for pairs in _COUNT_ONLY)
+
+
+def sent_metadata(metadata: Any, upstream: Upstream | None, attempt: int) -> _SentMetadata:
+    """``attempt_metadata`` as grpc.aio takes it fastest."""
+    edits = upstream is not None and upstream.request_ops
+    if not metadata and not edits and attempt < len(_SENT_COUNT_ONLY):
+        return _SENT_COUNT_ONLY[attempt]
+    return _SentMetadata(*attempt_metadata(metadata, upstream, attempt))
 
 
 class _AioCore(ChannelCore):
@@ -103,7 +135,7 @@ class _AioCore(ChannelCore):
                 await self.callable(hold.entry, spec, upstream)(
                     request,
                     timeout=MIRROR_TIMEOUT,
-                    metadata=attempt_metadata(metadata, upstream, 1),
+                    metadata=sent_metadata(metadata, upstream, 1),
                 )
         except Exception as exc:
             log.debug("mirror of %s failed: %s", spec.method, exc)
@@ -423,7 +455,7 @@ class _AioCall:
         limits = send.limits
         try:
             callable_ = core.callable(entry, self._owner._spec, upstream)
-            sent = attempt_metadata(self._metadata, upstream, send.attempt)
+            sent = sent_metadata(self._metadata, upstream, send.attempt)
             if self._extra is _NO_EXTRA:  # grpc.aio's own defaults: fewer arguments to pass
                 call = callable_(self._request, timeout=send.timeout, metadata=sent)
             else:
