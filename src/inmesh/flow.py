@@ -23,6 +23,17 @@ Theory of operation, as Envoy's router does it:
    the request body can be replayed, the retry budgets (mesh-wide ratio budget,
    DestinationRule ``retryBudget``, ``maxRetries``) have room, and the back-off fits
    before the deadline. Otherwise the caller gets the last real response or error.
+
+The express path. For most calls steps 1 and 2 decide nothing (no fault, no mesh
+timeout) and the first attempt is answered: the flow then comes down to counting the call
+in the budgets, picking and admitting an endpoint, sending, and recording a success. For
+a call whose route ``express()`` admits, a driver may do exactly that with
+``express_send`` and ``express_settle``, plain functions that cost a fraction of the
+generator and its protocol. When the first attempt is not a plain success, the driver
+hands it to ``attempt_flow(first=...)``, which carries on from that point as if it had
+made the attempt itself: one decision procedure, entered two ways, with the same draws
+on the same generator in the same order (``tests/test_flow_express.py`` holds the two
+to the same transcripts).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from inmesh.resilience.limits import EndpointLimits
 from inmesh.resilience.outlier import classify
 from inmesh.resilience.retry import Failure, Outcome, RetryState, retriable
 from inmesh.routing import RequestView
+from inmesh.snapshot import Cluster
 from inmesh.testing.faults import OVERLAY
 
 __all__ = [
@@ -49,6 +61,9 @@ __all__ = [
     "Send",
     "Wait",
     "attempt_flow",
+    "express",
+    "express_send",
+    "express_settle",
     "fault_abort",
 ]
 
@@ -119,6 +134,91 @@ def _header_timeout(raw: str) -> float | None:
     return millis / 1000 if millis > 0 else None
 
 
+def _no_healthy(cluster: Cluster) -> LocalReply:
+    return LocalReply(503, f"no healthy upstream in {cluster.name}")
+
+
+def _overflow(cluster: Cluster, endpoint: Endpoint) -> LocalReply:
+    return LocalReply(503, f"upstream overflow: {cluster.name} {endpoint}", overloaded=True)
+
+
+def express(upstream: Upstream, mesh_config: MeshConfig) -> bool:
+    """May a call to ``upstream`` make its first attempt by ``express_send`` and
+    ``express_settle``? Yes when the flow's steps 1 and 2 decide nothing that attempt
+    depends on: no fault, no mirror, no route timeout, no per-try timeout, and no 1xx-3xx
+    status listed for retry. Depends on the snapshot alone (so it can be kept with a
+    prepared plan), and holds for requests without headers (a gRPC call without
+    metadata): a header may ask for a fault or a timeout. The driver still checks the
+    test overlay (``OVERLAY.active``) on every call."""
+    if upstream.mirror is not None:
+        return False
+    route = upstream.forward.route.spec if upstream.forward is not None else None
+    if route is not None and (route.fault is not None or route.timeout is not None):
+        return False
+    retry = (
+        route.retries
+        if route is not None and route.retries is not None
+        else mesh_config.default_http_retry_policy
+    )
+    if retry.attempts > 0 and retry.per_try_timeout is not None:
+        return False
+    return not any(code < 400 for code in retry.retry_status_codes)
+
+
+def express_send(
+    upstream: Upstream, pick: PickContext, now: float, deadline: float | None
+) -> Send | Finish:
+    """The first attempt of an express call (see ``express``), decided as ``attempt_flow``
+    decides it: the budgets count the call, then the deadline is checked and an endpoint
+    picked and admitted. A ``Finish`` when there is nothing to send (deadline spent, no
+    healthy endpoint, overflow): deliver it. Else send the ``Send`` and pass what it came
+    to to ``express_settle``. ``deadline`` is the caller's own, as for ``attempt_flow``."""
+    cluster = upstream.cluster
+    state = cluster.state
+    ratio, budget = state.ratio, state.budget
+    if ratio is not None:
+        ratio.deposit(now)
+    if budget is not None:
+        budget.request_started(now)
+    if deadline is not None and now >= deadline:
+        finish = Finish(LocalReply(504, TIMEOUT_BODY), None, 0, None)
+    else:
+        balancer = cluster.balancer if state.outlier is None else cluster.balancer_at(now)
+        endpoint = balancer.pick(pick)
+        if endpoint is None:
+            finish = Finish(_no_healthy(cluster), None, 0, None)
+        else:
+            limits = state.limits(endpoint.key)
+            if limits is None or limits.try_admit():
+                timeout = None if deadline is None else deadline - now
+                return _tuple(Send, (endpoint, 1, timeout, limits))
+            finish = Finish(_overflow(cluster, endpoint), None, 0, endpoint)
+    if budget is not None:
+        budget.request_finished(now)
+    return finish
+
+
+def express_settle(upstream: Upstream, send: Send, done: Attempted) -> Finish | None:
+    """What the caller gets from an express call's first attempt, when it is a plain
+    success (a 1xx-3xx answer; for gRPC, status OK): recorded as the flow records it. None
+    for anything else: nothing is recorded, and ``attempt_flow(first=(send, done))`` takes
+    it from there (retries, outlier detection, the deadline)."""
+    outcome = done.outcome
+    status = outcome.status
+    grpc_status = outcome.grpc_status
+    if status is None or status >= 400 or (grpc_status is not None and grpc_status != "OK"):
+        return None
+    cluster = upstream.cluster
+    state = cluster.state
+    outlier, budget = state.outlier, state.budget
+    now = done.now
+    if outlier is not None:
+        outlier.record(send.endpoint.key, classify(outcome), now, total=len(cluster.endpoints))
+    if budget is not None:
+        budget.request_finished(now)
+    return _tuple(Finish, (None, done.result, 1, send.endpoint, False))
+
+
 def attempt_flow(
     upstream: Upstream,
     request: RequestView,
@@ -130,18 +230,21 @@ def attempt_flow(
     pick: PickContext,
     grpc: bool = False,
     deadline: float | None = None,
+    first: tuple[Send, Attempted] | None = None,
 ) -> Generator[Command, Any, Finish]:
     """The flow of one call (see the module docstring). ``deadline`` is the caller's own
     absolute deadline (gRPC ``timeout=``) on the same clock as ``now``; ``grpc`` says the
-    call is gRPC, for the test overlay's protocol-specific faults."""
+    call is gRPC, for the test overlay's protocol-specific faults. ``first`` is an express
+    call's first attempt (``express_send``) and what it came to, when ``express_settle``
+    did not settle it: the flow starts after it, its call already counted."""
     cluster = upstream.cluster
     state = cluster.state
     route = upstream.forward.route.spec if upstream.forward is not None else None
 
-    # 1. Faults.
+    # 1. Faults (for an express call, none: ``express`` saw to that).
     fault = None if route is None else route.fault
     injection: Any = None
-    if OVERLAY.active:
+    if OVERLAY.active and first is None:
         injection = OVERLAY.match(
             host=request.host,
             method=request.method,
@@ -151,7 +254,7 @@ def attempt_flow(
             grpc=grpc,
         )
     header_faults = mesh_config.allow_header_faults
-    if injection is None and (fault is not None or header_faults):
+    if injection is None and (fault is not None or header_faults) and first is None:
         injection = decide(fault, rng, request.header if header_faults else None)
     injected = injection is not None
     if injection is not None:
@@ -184,17 +287,18 @@ def attempt_flow(
         deadline = caller_deadline  # the caller's own deadline: the tighter wins
     per_try = None if retry is None else retry.per_try_timeout
 
-    # 3. Budgets see every original request.
+    # 3. Budgets see every original request (an express call's, in ``express_send``).
     ratio, budget, retry_limit, outlier = (
         state.ratio,
         state.budget,
         state.retry_limit,
         state.outlier,
     )
-    if ratio is not None:
-        ratio.deposit(now)
-    if budget is not None:
-        budget.request_started(now)
+    if first is None:
+        if ratio is not None:
+            ratio.deposit(now)
+        if budget is not None:
+            budget.request_started(now)
     tried: list[EndpointKey] = []
     retrying: RetryState | None = None
     holds_budget = holds_limit = False
@@ -202,29 +306,32 @@ def attempt_flow(
     try:
         while True:
             attempt += 1
-            if deadline is not None and now >= deadline:  # spent before this try (a delay)
-                return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt - 1, None, injected)
-            context = (
-                pick
-                if not tried
-                else PickContext(rng=rng, hash_key=upstream.hash_key, exclude=tried)
-            )
-            balancer = cluster.balancer if outlier is None else cluster.balancer_at(now)
-            endpoint = balancer.pick(context)
-            if endpoint is None:
-                reply = LocalReply(503, f"no healthy upstream in {cluster.name}")
-                return Finish(reply, None, attempt - 1, None, injected)
-            limits = state.limits(endpoint.key)
-            if limits is not None and not limits.try_admit():
-                reply = LocalReply(
-                    503, f"upstream overflow: {cluster.name} {endpoint}", overloaded=True
+            done: Attempted
+            endpoint: Endpoint | None
+            if first is not None:  # an express call's first attempt, made already
+                (endpoint, _, _, limits), done = first
+                first = None
+            else:
+                if deadline is not None and now >= deadline:  # spent before this try (a delay)
+                    return Finish(LocalReply(504, TIMEOUT_BODY), None, attempt - 1, None, injected)
+                context = (
+                    pick
+                    if not tried
+                    else PickContext(rng=rng, hash_key=upstream.hash_key, exclude=tried)
                 )
-                return Finish(reply, None, attempt - 1, endpoint, injected)
-            timeout = per_try
-            if deadline is not None:
-                remaining = deadline - now
-                timeout = remaining if timeout is None else min(timeout, remaining)
-            done: Attempted = yield _tuple(Send, (endpoint, attempt, timeout, limits))
+                balancer = cluster.balancer if outlier is None else cluster.balancer_at(now)
+                endpoint = balancer.pick(context)
+                if endpoint is None:
+                    return Finish(_no_healthy(cluster), None, attempt - 1, None, injected)
+                limits = state.limits(endpoint.key)
+                if limits is not None and not limits.try_admit():
+                    reply = _overflow(cluster, endpoint)
+                    return Finish(reply, None, attempt - 1, endpoint, injected)
+                timeout = per_try
+                if deadline is not None:
+                    remaining = deadline - now
+                    timeout = remaining if timeout is None else min(timeout, remaining)
+                done = yield _tuple(Send, (endpoint, attempt, timeout, limits))
             now = done.now
             if holds_budget and budget is not None:
                 budget.end_retry()

@@ -227,6 +227,11 @@ class Prepared:
         if spec.mirror_percentage is not None:
             self._mirror_share = spec.mirror_percentage
 
+    def upstreams(self) -> list[Upstream]:
+        """Every upstream plan a call may get (each the same object every time)."""
+        plans = [self._fixed, *self._unmirrored.values(), *self._mirrored.values()]
+        return [p for p in plans if isinstance(p, Upstream)]
+
     def __call__(self, rng: random.Random) -> Plan:
         """This call's plan (see ``plan()``)."""
         fixed = self._fixed

@@ -66,7 +66,18 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from inmesh.balancing import EndpointStats, PickContext
 from inmesh.config.model import ConnectionPoolSettings, HeaderOperations
 from inmesh.endpoints import Endpoint, EndpointKey
-from inmesh.flow import TIMEOUT_BODY, Attempted, Finish, Send, Wait, attempt_flow, fault_abort
+from inmesh.flow import (
+    TIMEOUT_BODY,
+    Attempted,
+    Finish,
+    Send,
+    Wait,
+    attempt_flow,
+    express,
+    express_send,
+    express_settle,
+    fault_abort,
+)
 from inmesh.plan import LocalReply, Plan, Prepared, Upstream, plan, prepare
 from inmesh.resilience.limits import EndpointLimits
 from inmesh.resilience.retry import Failure, Outcome
@@ -543,8 +554,8 @@ class ChannelCore:
         )
         self.mirrors = MirrorGate(mesh.state)
         # By method, for calls without metadata: the same request every time, planned
-        # once per snapshot.
-        self.prepared: dict[str, tuple[_View, Prepared]] = {}
+        # once per snapshot; with the ids of its upstream plans that ``express`` admits.
+        self.prepared: dict[str, tuple[_View, Prepared, frozenset[int]]] = {}
         self.closed = False
 
     # -- grpcio channels (the flavour's own)
@@ -570,7 +581,9 @@ class ChannelCore:
 
     # -- planning
 
-    def start(self, method: str, metadata: Any) -> tuple[Snapshot, _View, Plan]:
+    def start(self, method: str, metadata: Any) -> tuple[Snapshot, _View, Plan, bool]:
+        """The call's snapshot, request view and plan, and whether its first attempt may go
+        the express way (``inmesh.flow.express``: only calls without metadata)."""
         if self.closed:
             raise ValueError("Cannot invoke RPC on closed channel!")
         snapshot = self.mesh.snapshot
@@ -580,15 +593,20 @@ class ChannelCore:
             self.prepared.clear()  # made from older snapshots, which they would keep alive
         if metadata:
             view = _View(self.host, self.port, self.authority, method, metadata)
-            return snapshot, view, plan(snapshot, view, self.rng, source=self.source)
+            return snapshot, view, plan(snapshot, view, self.rng, source=self.source), False
         found = self.prepared.get(method)
         if found is None or found[1].snapshot is not snapshot:
             view = _View(self.host, self.port, self.authority, method, None)
             if len(self.prepared) >= _PREPARED_CAP:  # method names are the caller's to choose
                 self.prepared.clear()
-            found = self.prepared[method] = (view, prepare(snapshot, view, source=self.source))
-        view, prepared = found
-        return snapshot, view, prepared(self.rng)
+            prepared = prepare(snapshot, view, source=self.source)
+            fast = frozenset(
+                id(u) for u in prepared.upstreams() if express(u, snapshot.mesh_config)
+            )
+            found = self.prepared[method] = (view, prepared, fast)
+        view, prepared, fast = found
+        decision = prepared(self.rng)
+        return snapshot, view, decision, id(decision) in fast
 
     def flow(
         self,
@@ -598,13 +616,12 @@ class ChannelCore:
         *,
         replayable: bool,
         deadline: float | None,
+        first: tuple[Send, Attempted] | None = None,
     ) -> Generator[Command, Any, Finish]:
-        """The attempt flow of an upstream call, or the passthrough's one-attempt flow."""
+        """The attempt flow of an upstream call, or the passthrough's one-attempt flow;
+        ``first``: an express call's first attempt, not settled (see ``inmesh.flow``)."""
         if not isinstance(decision, Upstream):
             return self._passthrough_flow(view, deadline)
-        pick = self.pick
-        if decision.hash_key is not None:
-            pick = PickContext(rng=self.rng, hash_key=decision.hash_key)
         return _attempt_flow(
             decision,
             view,
@@ -612,10 +629,18 @@ class ChannelCore:
             now=time.monotonic(),
             replayable=replayable,
             mesh_config=snapshot.mesh_config,
-            pick=pick,
+            pick=self.pick_for(decision),
             grpc=True,
             deadline=deadline,
+            first=first,
         )
+
+    def pick_for(self, upstream: Upstream) -> PickContext:
+        """What an upstream call's picks use: the channel's generator, and the plan's hash
+        key when the cluster hashes."""
+        if upstream.hash_key is None:
+            return self.pick
+        return PickContext(rng=self.rng, hash_key=upstream.hash_key)
 
     def _passthrough_flow(
         self, view: _View, deadline: float | None
@@ -990,8 +1015,10 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         wait_for_ready: Any = None,
         compression: Any = None,
     ) -> Any:
-        extra = _extra(credentials, wait_for_ready, compression)
-        return self._blocking(request, timeout, metadata, extra, with_call=False)
+        if credentials is None and wait_for_ready is None and compression is None:  # usual
+            return self._blocking(request, timeout, metadata, _NO_EXTRA, False)
+        extra = _Extra(credentials, wait_for_ready, compression)
+        return self._blocking(request, timeout, metadata, extra, False)
 
     def with_call(  # noqa: PLR0917 -- grpcio's positional signature
         self,
@@ -1003,7 +1030,7 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         compression: Any = None,
     ) -> tuple[Any, Any]:
         extra = _extra(credentials, wait_for_ready, compression)
-        response, call = self._blocking(request, timeout, metadata, extra, with_call=True)
+        response, call = self._blocking(request, timeout, metadata, extra, True)
         return response, call
 
     def future(  # noqa: PLR0917 -- grpcio's positional signature
@@ -1021,24 +1048,41 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         return call
 
     def _blocking(
-        self, request: Any, timeout: float | None, metadata: Any, extra: _Extra, *, with_call: bool
+        self, request: Any, timeout: float | None, metadata: Any, extra: _Extra, with_call: bool
     ) -> Any:
         """Run the flow on this thread: the response, or with ``with_call`` the response and
         the last attempt's ``grpc.Call`` (grpcio's ``with_call`` costs ~20 µs more a call)."""
         core = self._core
         deadline = None if timeout is None else time.monotonic() + timeout
-        snapshot, view, decision = core.start(self._spec.method, metadata)
+        snapshot, view, decision, fast = core.start(self._spec.method, metadata)
         if isinstance(decision, LocalReply):
             return core.deliver(view, None, Finish(decision, None, 0, None))
-        upstream = upstream_of(decision)
-        if (
+        upstream = decision if isinstance(decision, Upstream) else None
+        first = None
+        if fast and not OVERLAY.active:
+            # The express way (``inmesh.flow``): the first attempt without the flow, which
+            # takes over only if that attempt is not a plain success.
+            assert upstream is not None
+            pick = core.pick if upstream.hash_key is None else core.pick_for(upstream)
+            sent = express_send(upstream, pick, time.monotonic(), deadline)
+            if isinstance(sent, Finish):
+                return core.deliver(view, upstream, sent)
+            attempted = self._attempt(request, metadata, extra, upstream, sent, with_call)
+            finish = express_settle(upstream, sent, attempted)
+            if finish is not None:
+                result = core.deliver(view, upstream, finish)
+                return self._delivered(result, upstream, with_call) if with_call else result
+            first = (sent, attempted)
+        elif (
             upstream is not None
             and upstream.mirror is not None
             and self._replayable
             and core.mirror_admit(snapshot)
         ):
             core.mirror(self._spec, request, metadata, upstream)
-        flow = core.flow(snapshot, view, decision, replayable=self._replayable, deadline=deadline)
+        flow = core.flow(
+            snapshot, view, decision, replayable=self._replayable, deadline=deadline, first=first
+        )
         try:
             command = next(flow)
             while True:
@@ -1053,10 +1097,13 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
                 else:  # Discard: a failed unary attempt holds nothing open
                     command = flow.send(None)
         except StopIteration as stop:
-            finish: Finish = stop.value
+            finish = stop.value
         finally:
             flow.close()
-        result = core.deliver(view, upstream, finish)
+        return self._delivered(core.deliver(view, upstream, finish), upstream, with_call)
+
+    @staticmethod
+    def _delivered(result: Any, upstream: Upstream | None, with_call: bool) -> Any:
         if with_call and upstream is not None and upstream.response_ops:
             response, call = result
             return response, _EditedCall(call, upstream)
@@ -1078,7 +1125,11 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
             callable_ = core.callable(entry, self._spec, upstream)
             if with_call:
                 callable_ = callable_.with_call
-            sent = attempt_metadata(metadata, upstream, send.attempt)
+            attempt = send.attempt
+            if metadata or attempt >= 10 or (upstream is not None and upstream.request_ops):
+                sent = attempt_metadata(metadata, upstream, attempt)
+            else:
+                sent = _COUNT_ONLY[attempt]  # the usual: what attempt_metadata would make
             if extra is _NO_EXTRA:  # grpcio's own defaults: fewer arguments to pass
                 result = callable_(request, send.timeout, sent)
             else:
@@ -1127,7 +1178,7 @@ class _FlowFuture(grpc.Future, grpc.Call):  # type: ignore[misc]  # grpc is unty
     def start(self) -> None:
         core = self._owner._core
         try:
-            snapshot, view, decision = core.start(self._owner._spec.method, self._metadata)
+            snapshot, view, decision, _ = core.start(self._owner._spec.method, self._metadata)
         except Exception as exc:
             self._set(None, None, exc)
             return
@@ -1423,7 +1474,7 @@ class _StreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]  # grpc is unty
     def _run(self) -> Started:
         owner = self._owner
         core = owner._core
-        snapshot, view, decision = core.start(owner._spec.method, self._metadata)
+        snapshot, view, decision, _ = core.start(owner._spec.method, self._metadata)
         if isinstance(decision, LocalReply):
             return core.deliver(view, None, Finish(decision, None, 0, None))  # type: ignore[no-any-return]
         upstream = self._upstream = upstream_of(decision)

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
 import grpc.aio  # type: ignore[import-untyped]
 
-from inmesh.flow import Attempted, Finish, Send, Wait
+from inmesh.flow import Attempted, Finish, Send, Wait, express_send, express_settle
 from inmesh.plan import LocalReply, Upstream
+from inmesh.testing.faults import OVERLAY
 from inmesh.transports.grpc import (
     _COUNT_ONLY,
     _NOTHING,
@@ -379,21 +380,41 @@ class _AioCall:
         try:
             owner = self._owner
             core = owner._core
-            snapshot, view, decision = core.start(owner._spec.method, self._metadata)
+            snapshot, view, decision, fast = core.start(owner._spec.method, self._metadata)
             if isinstance(decision, LocalReply):
                 self._deliver(core.deliver(view, None, Finish(decision, None, 0, None)))
                 return
             upstream = self._upstream = decision if isinstance(decision, Upstream) else None
-            if (
+            deadline = self._deadline
+            first = None
+            if fast and not OVERLAY.active:
+                # The express way (``inmesh.flow``): the first attempt without the flow,
+                # which takes over only if that attempt is not a plain success.
+                assert upstream is not None
+                sent = express_send(upstream, core.pick_for(upstream), time.monotonic(), deadline)
+                if isinstance(sent, Finish):
+                    self._deliver(core.deliver(view, upstream, sent))
+                    return
+                attempted = await self._attempt(upstream, sent)
+                finish = express_settle(upstream, sent, attempted)
+                if finish is not None:
+                    self._deliver(core.deliver(view, upstream, finish))
+                    return
+                first = (sent, attempted)
+            elif (
                 upstream is not None
                 and upstream.mirror is not None
                 and owner._spec.shape == "unary_unary"
                 and core.mirror_admit(snapshot)
             ):
                 core.mirror(owner._spec, self._request, self._metadata, upstream)
-            deadline = self._deadline
             flow = core.flow(
-                snapshot, view, decision, replayable=owner._replayable, deadline=deadline
+                snapshot,
+                view,
+                decision,
+                replayable=owner._replayable,
+                deadline=deadline,
+                first=first,
             )
             try:
                 command = next(flow)
@@ -408,7 +429,7 @@ class _AioCall:
                     else:  # Discard: a failed attempt's call has ended already
                         command = flow.send(None)
             except StopIteration as stop:
-                finish: Finish = stop.value
+                finish = stop.value
             finally:
                 flow.close()
             self._deliver(core.deliver(view, upstream, finish))
