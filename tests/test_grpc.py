@@ -1008,10 +1008,11 @@ def test_all_four_shapes_aio(
 def test_aio_cancel(
     servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh]
 ) -> None:
-    """Cancelling an aio call in flight cancels its attempt; awaiting it raises CancelledError."""
+    """Cancelling an aio call in flight cancels its attempt; awaiting it raises CancelledError.
+    The endpoint and the cluster's retry budget no longer count it."""
     (up,) = servers("a")
     up.delay = 5
-    mesh = make_mesh(service_yaml("ratings", [up]))
+    mesh = make_mesh(service_yaml("ratings", [up]), dr("    retryBudget: {percent: 20}"))
 
     async def run() -> None:
         async with MeshAioChannel(mesh, TARGET) as channel:
@@ -1025,6 +1026,14 @@ def test_aio_cancel(
 
     asyncio.run(asyncio.wait_for(run(), 10))
     assert mesh.stats.get((up.address, up.port)).active == 0
+    assert budget_active(mesh) == 0
+
+
+def budget_active(mesh: Mesh) -> int:
+    """Calls the ratings cluster's retry budget counts in flight."""
+    (cluster,) = [c for c in mesh.snapshot.clusters if c.name.endswith("|ratings")]
+    assert cluster.state.budget is not None
+    return cluster.state.budget.active
 
 
 @pytest.mark.parametrize("how", ["awaited at once", "awaited later"])
@@ -1037,7 +1046,7 @@ def test_aio_cancelling_the_awaiting_task_cancels_the_rpc(
     the task; awaited later, it is already under way on its own."""
     (up,) = servers("a")
     up.delay = 5
-    mesh = make_mesh(service_yaml("ratings", [up]))
+    mesh = make_mesh(service_yaml("ratings", [up]), dr("    retryBudget: {percent: 20}"))
     stats = mesh.stats.get((up.address, up.port))
 
     async def run() -> float:
@@ -1060,6 +1069,7 @@ def test_aio_cancelling_the_awaiting_task_cancels_the_rpc(
 
     assert asyncio.run(asyncio.wait_for(run(), 10)) < 2  # the server would answer at 5 s
     assert stats.active == 0
+    assert budget_active(mesh) == 0
 
 
 # ------------------------------------------------------------------------------ channels

@@ -62,6 +62,7 @@ __all__ = [
     "Wait",
     "attempt_flow",
     "express",
+    "express_abandon",
     "express_send",
     "express_settle",
     "fault_abort",
@@ -217,6 +218,15 @@ def express_settle(upstream: Upstream, send: Send, done: Attempted) -> Finish | 
     if budget is not None:
         budget.request_finished(now)
     return _tuple(Finish, (None, done.result, 1, send.endpoint, False))
+
+
+def express_abandon(upstream: Upstream, now: float) -> None:
+    """An express call's first attempt ended without an answer to settle (the driver
+    raised, or the call was cancelled): give back what ``express_send`` counted, as
+    closing the flow would."""
+    budget = upstream.cluster.state.budget
+    if budget is not None:
+        budget.request_finished(now)
 
 
 def attempt_flow(

@@ -74,6 +74,7 @@ from inmesh.flow import (
     Wait,
     attempt_flow,
     express,
+    express_abandon,
     express_send,
     express_settle,
     fault_abort,
@@ -1067,7 +1068,11 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
             sent = express_send(upstream, pick, time.monotonic(), deadline)
             if isinstance(sent, Finish):
                 return core.deliver(view, upstream, sent)
-            attempted = self._attempt(request, metadata, extra, upstream, sent, with_call)
+            try:
+                attempted = self._attempt(request, metadata, extra, upstream, sent, with_call)
+            except BaseException:
+                express_abandon(upstream, time.monotonic())
+                raise
             finish = express_settle(upstream, sent, attempted)
             if finish is not None:
                 result = core.deliver(view, upstream, finish)

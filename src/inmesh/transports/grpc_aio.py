@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
 import grpc.aio  # type: ignore[import-untyped]
 
-from inmesh.flow import Attempted, Finish, Send, Wait, express_send, express_settle
+from inmesh.flow import (
+    Attempted,
+    Finish,
+    Send,
+    Wait,
+    express_abandon,
+    express_send,
+    express_settle,
+)
 from inmesh.plan import LocalReply, Upstream
 from inmesh.testing.faults import OVERLAY
 from inmesh.transports.grpc import (
@@ -391,11 +399,16 @@ class _AioCall:
                 # The express way (``inmesh.flow``): the first attempt without the flow,
                 # which takes over only if that attempt is not a plain success.
                 assert upstream is not None
-                sent = express_send(upstream, core.pick_for(upstream), time.monotonic(), deadline)
+                pick = core.pick if upstream.hash_key is None else core.pick_for(upstream)
+                sent = express_send(upstream, pick, time.monotonic(), deadline)
                 if isinstance(sent, Finish):
                     self._deliver(core.deliver(view, upstream, sent))
                     return
-                attempted = await self._attempt(upstream, sent)
+                try:
+                    attempted = await self._attempt(upstream, sent)
+                except BaseException:
+                    express_abandon(upstream, time.monotonic())
+                    raise
                 finish = express_settle(upstream, sent, attempted)
                 if finish is not None:
                     self._deliver(core.deliver(view, upstream, finish))
@@ -439,7 +452,10 @@ class _AioCall:
         except Exception as error:
             self._error = error
         finally:
-            self._finish()
+            if self._ready is None and self._waiters is None and self._callbacks is None:
+                self._state = _DONE  # the usual end: nobody else to tell
+            else:
+                self._finish()
 
     def _finish(self) -> None:
         self._state = _DONE
@@ -476,7 +492,11 @@ class _AioCall:
         limits = send.limits
         try:
             callable_ = core.callable(entry, self._owner._spec, upstream)
-            sent = sent_metadata(self._metadata, upstream, send.attempt)
+            attempt = send.attempt
+            if self._metadata or attempt >= 10 or (upstream is not None and upstream.request_ops):
+                sent = sent_metadata(self._metadata, upstream, attempt)
+            else:
+                sent = _SENT_COUNT_ONLY[attempt]  # the usual: what sent_metadata would make
             if self._extra is _NO_EXTRA:  # grpc.aio's own defaults: fewer arguments to pass
                 call = callable_(self._request, timeout=send.timeout, metadata=sent)
             else:
@@ -643,9 +663,12 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
             response = await call
         except grpc.aio.AioRpcError as error:
             now = time.monotonic()
+            self._owner._core.leave(entry, stats, send.limits)  # an error: the call is over
             return Attempted(outcome_of(error, send.timeout, now - started), error, now)
-        finally:
-            self._end(call, entry, stats, send)
+        except BaseException:
+            self._end(call, entry, stats, send)  # cancelled: over now, or when it ends
+            raise
+        self._owner._core.leave(entry, stats, send.limits)  # answered: the call is over
         return _tuple(Attempted, (_OK, (response, call), time.monotonic()))
 
     def __await__(self) -> Generator[Any, None, Any]:
