@@ -1029,6 +1029,35 @@ def test_aio_cancel(
     assert budget_active(mesh) == 0
 
 
+def test_aio_calls_go_out_when_made_and_settle_unawaited(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """A unary aio call is on the wire as soon as it is made, as grpc.aio's own are: two
+    calls made before either is awaited reach the server together. A call made and never
+    awaited still ends properly: its failed attempt is retried (Istio's default policy
+    retries UNAVAILABLE) and its endpoint and retry budget no longer count it."""
+    (up,) = servers("a")
+    mesh = make_mesh(service_yaml("ratings", [up]), dr("    retryBudget: {percent: 20}"))
+    stats = mesh.stats.get((up.address, up.port))
+
+    async def run() -> None:
+        async with MeshAioChannel(mesh, TARGET) as channel:
+            get = channel.unary_unary(GET)
+            up.delay = 2  # each held 2 s: one after the other, the second would come too late
+            first, second = get(b"1"), get(b"2")
+            assert await async_wait_for(lambda: len(up.calls) == 2, timeout=1.5)
+            assert [await first, await second] == [f"a|{GET}|1|{n}".encode() for n in (1, 2)]
+            up.delay = 0
+            up.calls.clear()
+            up.fail_next(1, Code.UNAVAILABLE)
+            get(b"dropped")  # never awaited, no reference kept
+            assert await async_wait_for(lambda: len(up.calls) == 2 and not stats.active)
+            assert [c.metadata["x-envoy-attempt-count"] for c in up.calls] == ["1", "2"]
+            assert await async_wait_for(lambda: budget_active(mesh) == 0)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+
+
 def budget_active(mesh: Mesh) -> int:
     """Calls the ratings cluster's retry budget counts in flight."""
     (cluster,) = [c for c in mesh.snapshot.clusters if c.name.endswith("|ratings")]

@@ -327,7 +327,9 @@ class _AioCallable(
         return self._make(self, request, timeout, metadata, extra)
 
 
-_NEW, _RUNNING, _DONE = 0, 1, 2
+# A call's states. _SENT: an express call's first attempt went out when the call was made
+# and nothing drives the call yet (an ``await``, or a task once that attempt ends, will).
+_NEW, _RUNNING, _DONE, _SENT = 0, 1, 2, 3
 _NO_EXTRA: tuple[Any, Any, Any] = (None, None, None)
 
 
@@ -351,6 +353,9 @@ class _AioCall:
     # Writes (request streaming without an iterator) wait for the attempt to exist.
     _ready: asyncio.Event | None = None
     _lazy: bool  # the call may wait to be awaited (unary response) or not (streams)
+    _planned: tuple[Any, Any, Any, bool] | None = None  # ``core.start``'s, if made already
+    # The express attempt sent at creation (_SENT): its Send, endpoint hold, start time.
+    _sent: tuple[Send, Entry[Any], EndpointStats, float] | None = None
 
     def __init__(
         self,
@@ -368,16 +373,61 @@ class _AioCall:
         if request is None and owner._writes:
             self._ready = asyncio.Event()
         if self._lazy and self._ready is None:
-            # Under way by the next loop turn, as grpc.aio's calls are, unless awaited first
-            # (the usual ``await stub.Get(...)``), which then runs it inline.
-            asyncio.get_running_loop().call_soon(self._start)
+            self._open()
         else:
             self._start()  # a stream starts at once; writes need the call under way
+
+    def _open(self) -> None:
+        """Start a unary-response call: plan it now, and send an express call's first
+        attempt now (``inmesh.flow``), a grpc.aio call that goes out on its own as grpc.aio's
+        calls do; the rest runs when the call is awaited or, if it is not by then, when that
+        attempt ends (``_answered``). Any other call is under way by the next loop turn,
+        as grpc.aio's calls are, unless awaited first (the usual ``await stub.Get(...)``),
+        which then runs it inline."""
+        owner = self._owner
+        core = owner._core
+        try:
+            planned = self._planned = core.start(owner._spec.method, self._metadata)
+        except Exception as error:
+            self._error = error
+            self._state = _DONE
+            return
+        upstream = planned[2]
+        if not planned[3] or OVERLAY.active or not isinstance(upstream, Upstream):
+            asyncio.get_running_loop().call_soon(self._start)
+            return
+        self._upstream = upstream
+        pick = core.pick if upstream.hash_key is None else core.pick_for(upstream)
+        sent = express_send(upstream, pick, time.monotonic(), self._deadline)
+        try:
+            if isinstance(sent, Finish):
+                self._deliver(core.deliver(planned[1], upstream, sent))
+                self._state = _DONE
+                return
+            call, entry, stats = self._begin(upstream, sent)
+        except Exception as error:
+            if not isinstance(sent, Finish):
+                express_abandon(upstream, time.monotonic())
+            self._error = error
+            self._state = _DONE
+            return
+        self._sent = (sent, entry, stats, time.monotonic())
+        self._state = _SENT
+        call.add_done_callback(self._answered)
+
+    def _answered(self, _call: Any) -> None:
+        """The express attempt sent at creation ended: if nothing drives the call yet, a task
+        settles it now (its endpoint, its budgets, a retry)."""
+        if self._state is _SENT:
+            try:
+                self._start()
+            except RuntimeError:  # no running loop any more: nothing can settle it
+                log.debug("call to %s ended after its event loop", self._owner._spec.method)
 
     def _start(self) -> None:
         """Run the call as a task, unless it runs already (inline in ``await``: that saves
         a task and two loop turns a call)."""
-        if self._state is _NEW:
+        if self._state is _NEW or self._state is _SENT:
             self._state = _RUNNING
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -388,14 +438,32 @@ class _AioCall:
         try:
             owner = self._owner
             core = owner._core
-            snapshot, view, decision, fast = core.start(owner._spec.method, self._metadata)
+            planned = self._planned
+            if planned is None:
+                planned = core.start(owner._spec.method, self._metadata)
+            snapshot, view, decision, fast = planned
             if isinstance(decision, LocalReply):
                 self._deliver(core.deliver(view, None, Finish(decision, None, 0, None)))
                 return
             upstream = self._upstream = decision if isinstance(decision, Upstream) else None
             deadline = self._deadline
             first = None
-            if fast and not OVERLAY.active:
+            sent_at_creation = self._sent
+            if sent_at_creation is not None:  # the express attempt, out since ``_open``
+                self._sent = None
+                assert upstream is not None
+                made, entry, stats, started = sent_at_creation
+                try:
+                    attempted = await self._answer(self._current, entry, stats, made, started)
+                except BaseException:
+                    express_abandon(upstream, time.monotonic())
+                    raise
+                finish = express_settle(upstream, made, attempted)
+                if finish is not None:
+                    self._deliver(core.deliver(view, upstream, finish))
+                    return
+                first = (made, attempted)
+            elif fast and not OVERLAY.active:
                 # The express way (``inmesh.flow``): the first attempt without the flow,
                 # which takes over only if that attempt is not a plain success.
                 assert upstream is not None
@@ -530,6 +598,11 @@ class _AioCall:
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
         raise NotImplementedError
 
+    async def _answer(
+        self, call: Any, entry: Entry[Any], stats: EndpointStats, send: Send, started: float
+    ) -> Attempted:
+        raise NotImplementedError
+
     async def _finished(self) -> Any:
         """The finished attempt's call, or the error, once the flow is done."""
         with contextlib.suppress(asyncio.CancelledError):
@@ -579,14 +652,23 @@ class _AioCall:
             call = self._call
             return call is not None and bool(call.cancel())
         self._cancelled = True
+        task, state = self._task, self._state  # as they were: the cancel below may start one
         current = self._current
         if current is not None:
+            # An express attempt sent at creation (_SENT) with nothing driving the call: its
+            # end starts a task that settles the call as cancelled (``_answered``).
             current.cancel()
-        if self._task is not None:
-            self._task.cancel()
-        elif self._state is _NEW:
+        if task is not None:
+            task.cancel()
+            # A task cancelled before its first step never runs its body: end the call.
+            task.add_done_callback(self._cancelled_task)
+        elif state is _NEW:
             self._finish()
         return True
+
+    def _cancelled_task(self, _task: Any) -> None:
+        if self._state is not _DONE:
+            self._finish()
 
     def cancelled(self) -> bool:
         if self._call is not None and self._state is _DONE:
@@ -658,7 +740,12 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
 
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
         call, entry, stats = self._begin(upstream, send)
-        started = time.monotonic()
+        return await self._answer(call, entry, stats, send, time.monotonic())
+
+    async def _answer(
+        self, call: Any, entry: Entry[Any], stats: EndpointStats, send: Send, started: float
+    ) -> Attempted:
+        """What the attempt's grpc.aio ``call`` (begun at ``started``) comes to."""
         try:
             response = await call
         except grpc.aio.AioRpcError as error:
@@ -672,7 +759,7 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
         return _tuple(Attempted, (_OK, (response, call), time.monotonic()))
 
     def __await__(self) -> Generator[Any, None, Any]:
-        if self._state is _NEW:
+        if self._state is _NEW or self._state is _SENT:
             yield from self._run().__await__()  # inline: a cancellation reaches grpc.aio's call
         else:
             try:
