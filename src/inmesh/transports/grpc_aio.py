@@ -453,11 +453,22 @@ class _AioCall:
                 self._sent = None
                 assert upstream is not None
                 made, entry, stats, started = sent_at_creation
-                try:
-                    attempted = await self._answer(self._current, entry, stats, made, started)
+                call = self._current
+                try:  # as a unary ``_attempt`` awaits (only unary calls are sent at creation)
+                    response = await call
+                except grpc.aio.AioRpcError as error:
+                    now = time.monotonic()
+                    core.leave(entry, stats, made.limits)  # an error: the call is over
+                    attempted = Attempted(
+                        outcome_of(error, made.timeout, now - started), error, now
+                    )
                 except BaseException:
+                    self._end(call, entry, stats, made)  # cancelled: over now, or when it ends
                     express_abandon(upstream, time.monotonic())
                     raise
+                else:
+                    core.leave(entry, stats, made.limits)  # answered: the call is over
+                    attempted = _tuple(Attempted, (_OK, (response, call), time.monotonic()))
                 finish = express_settle(upstream, made, attempted)
                 if finish is not None:
                     self._deliver(core.deliver(view, upstream, finish))
@@ -598,11 +609,6 @@ class _AioCall:
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
         raise NotImplementedError
 
-    async def _answer(
-        self, call: Any, entry: Entry[Any], stats: EndpointStats, send: Send, started: float
-    ) -> Attempted:
-        raise NotImplementedError
-
     async def _finished(self) -> Any:
         """The finished attempt's call, or the error, once the flow is done."""
         with contextlib.suppress(asyncio.CancelledError):
@@ -740,12 +746,7 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
 
     async def _attempt(self, upstream: Upstream | None, send: Send) -> Attempted:
         call, entry, stats = self._begin(upstream, send)
-        return await self._answer(call, entry, stats, send, time.monotonic())
-
-    async def _answer(
-        self, call: Any, entry: Entry[Any], stats: EndpointStats, send: Send, started: float
-    ) -> Attempted:
-        """What the attempt's grpc.aio ``call`` (begun at ``started``) comes to."""
+        started = time.monotonic()
         try:
             response = await call
         except grpc.aio.AioRpcError as error:
