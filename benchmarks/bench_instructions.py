@@ -86,14 +86,41 @@ class _AnsweringChannel:
             return lambda request, *_args, **_kwargs: request
 
         def call(request: Any, *_args: Any, **_kwargs: Any) -> Any:
-            answered = asyncio.get_running_loop().create_future()
-            answered.set_result(request)
-            return answered
+            return _AnsweredCall(request)
 
         return call
 
     def close(self, *_: Any) -> Any:
         return asyncio.sleep(0) if self._aio else None
+
+
+class _AnsweredCall:
+    """A grpc.aio unary call whose answer is in hand: it is over once awaited (without
+    suspending), and then runs its done callbacks, as grpc.aio does when a call ends."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._done = False
+
+    def __await__(self) -> Any:
+        self._done = True
+        for callback in self._callbacks:
+            callback(self)
+        return self._response
+        yield  # a generator: what ``await`` needs
+
+    def done(self) -> bool:
+        return self._done
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        if self._done:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def cancel(self) -> bool:
+        return False
 
 
 def grpc_child(kind: str, count: int) -> None:
