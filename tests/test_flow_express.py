@@ -145,6 +145,16 @@ SCENARIOS = {
         mesh="retryBudget: {retryRatio: 0.1, minRetriesPerSecond: 1, ttl: 2s}",
         behaviour=all_down,
     ),
+    "a retry budget on active calls, header faults allowed, timeouts": Scenario(
+        "    retryBudget: {percent: 50, minRetryConcurrency: 1}",
+        route="    retries: {attempts: 3, retryOn: 'unavailable,reset,connect-failure'}",
+        mesh="allowHeaderFaults: true",
+        behaviour=lambda address, n: (
+            Outcome(failure=Failure.TIMEOUT)
+            if address == "10.0.0.2" and n % 3 == 0
+            else flaky(address, n)
+        ),
+    ),
     "consistent hash on a header the call has": Scenario(
         "    loadBalancer: {consistentHash: {httpHeaderName: content-type}}",
         behaviour=lambda _address, n: flaky("10.0.0.1", n),  # wherever the hash leads

@@ -1058,6 +1058,37 @@ def test_aio_calls_go_out_when_made_and_settle_unawaited(
     asyncio.run(asyncio.wait_for(run(), 10))
 
 
+@pytest.mark.parametrize("cancels", [1, 2])
+def test_aio_call_cancelled_before_it_is_awaited_gives_everything_back(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh], cancels: int
+) -> None:
+    """A call cancelled while its first attempt is out and nothing awaits it, once or twice
+    (the second cancel lands on the task the first one's end started): its endpoint's
+    active count, its admission place and its retry-budget place all come back."""
+    (up,) = servers("a")
+    up.delay = 5
+    policy = "    retryBudget: {percent: 20}\n    connectionPool: {http: {http2MaxRequests: 5}}"
+    mesh = make_mesh(service_yaml("ratings", [up]), dr(policy))
+    stats = mesh.stats.get((up.address, up.port))
+
+    async def run() -> None:
+        async with MeshAioChannel(mesh, TARGET) as channel:
+            call = channel.unary_unary(GET)(b"")
+            assert await async_wait_for(lambda: len(up.calls) == 1)
+            for _ in range(cancels):
+                call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert await async_wait_for(lambda: not stats.active)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert budget_active(mesh) == 0
+    (cluster,) = [c for c in mesh.snapshot.clusters if c.name.endswith("|ratings")]
+    limits = cluster.state.limits((up.address, up.port))
+    assert limits is not None
+    assert limits.in_flight == 0
+
+
 def budget_active(mesh: Mesh) -> int:
     """Calls the ratings cluster's retry budget counts in flight."""
     (cluster,) = [c for c in mesh.snapshot.clusters if c.name.endswith("|ratings")]

@@ -15,7 +15,12 @@ steps makes that decision safe: ``acquire`` counts the call *before* it looks at
 ``retired``, and ``retire`` sets ``retired`` *before* it looks at the count, so one of
 the two always sees the other. A call that finds its resource retired keeps it if it is
 not closed yet (its own count holds it open; its ``release`` will close it), and
-otherwise takes the locked path to a fresh one.
+otherwise takes the locked path to a fresh one. The argument needs the two threads' steps
+to be seen in program order, as they are under the GIL. A free-threaded build gives each
+list operation its own lock but documents no such order for a plain ``len()`` after an
+attribute store; there, a reordering could hand a call a departed endpoint's resource as
+it closes (the call then fails as on a closed channel), or leave one open until the
+client closes. grpcio itself does not support those builds yet.
 """
 
 from __future__ import annotations

@@ -1124,7 +1124,12 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         with_call: bool,
     ) -> Attempted:
         core = self._core
-        entry, stats = core.enter(upstream, send.endpoint)
+        try:
+            entry, stats = core.enter(upstream, send.endpoint)
+        except BaseException:
+            if send.limits is not None:
+                send.limits.release()
+            raise
         started = time.monotonic()
         try:
             callable_ = core.callable(entry, self._spec, upstream)

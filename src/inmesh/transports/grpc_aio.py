@@ -154,6 +154,23 @@ class _AioCore(ChannelCore):
             self.mirror_done()
 
 
+class _Answered:
+    """The done callback of an attempt sent at creation: calls ``_AioCall._answered`` once,
+    then lets go of the call. grpc.aio keeps a call's callbacks for as long as the call,
+    and the call object holds that grpc.aio call: a bound method would make every such
+    call a reference cycle, left to the cyclic collector."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: _AioCall) -> None:
+        self._call: _AioCall | None = call
+
+    def __call__(self, _grpc_call: Any) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call._answered()
+
+
 class MeshAioChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc is untyped
     """A ``grpc.aio.Channel`` to the logical ``target``, routed by the mesh.
 
@@ -405,24 +422,39 @@ class _AioCall:
                 self._state = _DONE
                 return
             call, entry, stats = self._begin(upstream, sent)
-        except Exception as error:
+        except BaseException as error:
             if not isinstance(sent, Finish):
                 express_abandon(upstream, time.monotonic())
+            if not isinstance(error, Exception):
+                raise
             self._error = error
             self._state = _DONE
             return
         self._sent = (sent, entry, stats, time.monotonic())
         self._state = _SENT
-        call.add_done_callback(self._answered)
+        call.add_done_callback(_Answered(self))
 
-    def _answered(self, _call: Any) -> None:
+    def _answered(self) -> None:
         """The express attempt sent at creation ended: if nothing drives the call yet, a task
         settles it now (its endpoint, its budgets, a retry)."""
         if self._state is _SENT:
             try:
                 self._start()
-            except RuntimeError:  # no running loop any more: nothing can settle it
+            except RuntimeError:  # no running loop any more: give back what it holds
                 log.debug("call to %s ended after its event loop", self._owner._spec.method)
+                self._release_sent()
+                self._cancelled = True
+                self._finish()
+
+    def _release_sent(self) -> None:
+        """Give back what the attempt sent at creation holds, when no task will settle it:
+        its endpoint channel and active count (now, or when the attempt ends), its
+        admission place and its retry-budget place."""
+        sent, self._sent = self._sent, None
+        if sent is not None and self._upstream is not None:
+            made, entry, stats, _ = sent
+            self._end(self._current, entry, stats, made)
+            express_abandon(self._upstream, time.monotonic())
 
     def _start(self) -> None:
         """Run the call as a task, unless it runs already (inline in ``await``: that saves
@@ -567,8 +599,13 @@ class _AioCall:
         """Start an attempt's grpc.aio call, holding its endpoint channel and counting it
         active; ``_end`` gives both back."""
         core = self._owner._core
-        entry, stats = core.enter(upstream, send.endpoint)
         limits = send.limits
+        try:
+            entry, stats = core.enter(upstream, send.endpoint)
+        except BaseException:
+            if limits is not None:
+                limits.release()
+            raise
         try:
             callable_ = core.callable(entry, self._owner._spec, upstream)
             attempt = send.attempt
@@ -674,6 +711,9 @@ class _AioCall:
 
     def _cancelled_task(self, _task: Any) -> None:
         if self._state is not _DONE:
+            # The task was cancelled before its first step, so its body never ran: give
+            # back what it would have settled, and end the call.
+            self._release_sent()
             self._finish()
 
     def cancelled(self) -> bool:
