@@ -1064,8 +1064,7 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
             # The express way (``inmesh.flow``): the first attempt without the flow, which
             # takes over only if that attempt is not a plain success.
             assert upstream is not None
-            pick = core.pick if upstream.hash_key is None else core.pick_for(upstream)
-            sent = express_send(upstream, pick, time.monotonic(), deadline)
+            sent = express_send(upstream, core.pick_for(upstream), time.monotonic(), deadline)
             if isinstance(sent, Finish):
                 return core.deliver(view, upstream, sent)
             try:

@@ -414,8 +414,7 @@ class _AioCall:
             asyncio.get_running_loop().call_soon(self._start)
             return
         self._upstream = upstream
-        pick = core.pick if upstream.hash_key is None else core.pick_for(upstream)
-        sent = express_send(upstream, pick, time.monotonic(), self._deadline)
+        sent = express_send(upstream, core.pick_for(upstream), time.monotonic(), self._deadline)
         try:
             if isinstance(sent, Finish):
                 self._deliver(core.deliver(planned[1], upstream, sent))
@@ -510,8 +509,7 @@ class _AioCall:
                 # The express way (``inmesh.flow``): the first attempt without the flow,
                 # which takes over only if that attempt is not a plain success.
                 assert upstream is not None
-                pick = core.pick if upstream.hash_key is None else core.pick_for(upstream)
-                sent = express_send(upstream, pick, time.monotonic(), deadline)
+                sent = express_send(upstream, core.pick_for(upstream), time.monotonic(), deadline)
                 if isinstance(sent, Finish):
                     self._deliver(core.deliver(view, upstream, sent))
                     return
