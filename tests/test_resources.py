@@ -197,7 +197,9 @@ def test_calls_racing_retirement_never_get_a_closed_resource_and_each_closes_onc
     for resource in pool.drain():
         close(resource)
     assert misuse == []
-    assert len(closed) > 100  # retirement really raced the calls
+    # Retirement really raced the calls (a floor that holds under load: 97 were seen with
+    # two CPU hogs running).
+    assert len(closed) > 10
     # Every resource ever made was closed exactly once: none is left open, none twice.
     assert [r.closes for r in made] == [1] * len(made)
     assert len(closed) == len(made)
