@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl
 
 import re2
 
+from inmesh._namedtuples import build as _tuple
 from inmesh.config.model import (
     HeaderOperations,
     Headers,
@@ -277,11 +278,8 @@ def compile_route(spec: HTTPRoute, caller_labels: Mapping[str, str]) -> Compiled
 
 
 # Decisions are NamedTuples rather than frozen dataclasses: one is built for every request,
-# and a frozen dataclass pays an object.__setattr__ per field.
-# ``_tuple(Cls, (fields...))`` builds what ``Cls(fields...)`` builds, a NamedTuple, without
-# its Python-level ``__new__`` (~40% cheaper): for the tuples made on every call. All
-# fields, in order.
-_tuple = tuple.__new__
+# and a frozen dataclass pays an object.__setattr__ per field. The hot ones are built with
+# ``_tuple`` (``inmesh._namedtuples``).
 
 
 class Forward(NamedTuple):

@@ -56,6 +56,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from inmesh._namedtuples import build as _tuple
 from inmesh.exceptions import MissingExtraError, UpstreamError
 
 try:
@@ -129,9 +130,6 @@ _MAX_INT32 = 2**31 - 1
 _OK = Outcome(200, grpc_status="OK")
 _ATTEMPT_COUNT = "x-envoy-attempt-count"
 _PREPARED_CAP = 1024
-# ``_tuple(Attempted, (...))`` is ``Attempted(...)`` without the NamedTuple's Python-level
-# ``__new__`` (~40% cheaper), for the attempts of every call. All fields, in order.
-_tuple = tuple.__new__
 _COUNTS = tuple(str(n) for n in range(10))
 # What an attempt sends when the caller sent no metadata and the route edits none: made
 # once, and a tuple, which grpcio takes as is (it copies a list into a tuple).
@@ -1016,9 +1014,7 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         wait_for_ready: Any = None,
         compression: Any = None,
     ) -> Any:
-        if credentials is None and wait_for_ready is None and compression is None:  # usual
-            return self._blocking(request, timeout, metadata, _NO_EXTRA, False)
-        extra = _Extra(credentials, wait_for_ready, compression)
+        extra = _extra(credentials, wait_for_ready, compression)
         return self._blocking(request, timeout, metadata, extra, False)
 
     def with_call(  # noqa: PLR0917 -- grpcio's positional signature
@@ -1134,11 +1130,7 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
             callable_ = core.callable(entry, self._spec, upstream)
             if with_call:
                 callable_ = callable_.with_call
-            attempt = send.attempt
-            if metadata or attempt >= 10 or (upstream is not None and upstream.request_ops):
-                sent = attempt_metadata(metadata, upstream, attempt)
-            else:
-                sent = _COUNT_ONLY[attempt]  # the usual: what attempt_metadata would make
+            sent = attempt_metadata(metadata, upstream, send.attempt)
             if extra is _NO_EXTRA:  # grpcio's own defaults: fewer arguments to pass
                 result = callable_(request, send.timeout, sent)
             else:

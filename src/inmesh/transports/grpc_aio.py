@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
 import grpc.aio  # type: ignore[import-untyped]
 
+from inmesh._namedtuples import build as _tuple
 from inmesh.flow import (
     Attempted,
     Finish,
@@ -47,7 +48,6 @@ from inmesh.transports.grpc import (
     ChannelCore,
     Started,
     _Code,
-    _tuple,
     attempt_metadata,
     cancelled_details,
     edited_initial_metadata,
@@ -606,11 +606,7 @@ class _AioCall:
             raise
         try:
             callable_ = core.callable(entry, self._owner._spec, upstream)
-            attempt = send.attempt
-            if self._metadata or attempt >= 10 or (upstream is not None and upstream.request_ops):
-                sent = sent_metadata(self._metadata, upstream, attempt)
-            else:
-                sent = _SENT_COUNT_ONLY[attempt]  # the usual: what sent_metadata would make
+            sent = sent_metadata(self._metadata, upstream, send.attempt)
             if self._extra is _NO_EXTRA:  # grpc.aio's own defaults: fewer arguments to pass
                 call = callable_(self._request, timeout=send.timeout, metadata=sent)
             else:

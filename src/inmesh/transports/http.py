@@ -31,6 +31,7 @@ import anyio
 import httpcore
 import httpx
 
+from inmesh._namedtuples import build as _tuple
 from inmesh.balancing import EndpointStats, PickContext
 from inmesh.config.model import ConnectionPoolSettings
 from inmesh.endpoints import Endpoint, EndpointKey
@@ -304,9 +305,6 @@ _METHODS = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PAT
 # An httpcore URL's parts: scheme, host, port, target.
 CoreUrl = tuple[bytes, bytes, int, bytes]
 _new = object.__new__
-# ``_tuple(Attempted, (...))`` is ``Attempted(...)`` without the NamedTuple's Python-level
-# ``__new__`` (~40% cheaper), for the attempts of every request. All fields, in order.
-_tuple = tuple.__new__
 
 
 def _checked_request(
