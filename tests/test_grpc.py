@@ -806,6 +806,30 @@ def test_outlier_detection_ejects_a_failing_endpoint(
     assert [name_of(r) for r in results[-6:]] == ["good"] * 6  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_express_successes_are_recorded_as_the_flow_records_them(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh], mode: str
+) -> None:
+    """A call answered the express way (no metadata, no route timeout or fault) is a
+    success to outlier detection and leaves the retry budget, as in the flow: with
+    consecutive5xxErrors 3, two failures then a success, three times over, never eject the
+    only endpoint, and no call stays counted in the budget."""
+    (up,) = servers("a")
+    mesh = make_mesh(
+        service_yaml("ratings", [up]),
+        dr(
+            "    retryBudget: {percent: 20}\n"
+            "    outlierDetection: {consecutive5xxErrors: 3, interval: 10s, baseEjectionTime: 60s, maxEjectionPercent: 100}"
+        ),
+    )
+    codes = []
+    for _ in range(3):
+        up.fail_next(2, Code.INTERNAL)
+        codes += [code(r) for r in unary(mesh, mode, 3)]
+    assert codes == [Code.INTERNAL, Code.INTERNAL, Code.OK] * 3
+    assert budget_active(mesh) == 0
+
+
 # ------------------------------------------------------------------------------ faults
 
 
@@ -1103,7 +1127,8 @@ def test_aio_cancelling_the_awaiting_task_cancels_the_rpc(
     """A task awaiting a mesh call is cancelled (asyncio.wait_for, a TaskGroup): the RPC
     ends with it, as grpc.aio's own calls do, and gives its endpoint back at once rather
     than when the server would have answered. Awaited at once, the call runs inline in
-    the task; awaited later, it is already under way on its own."""
+    the task; awaited later, it is already under way on its own. Either way the call then
+    says it was cancelled."""
     (up,) = servers("a")
     up.delay = 5
     mesh = make_mesh(service_yaml("ratings", [up]), dr("    retryBudget: {percent: 20}"))
@@ -1111,18 +1136,25 @@ def test_aio_cancelling_the_awaiting_task_cancels_the_rpc(
 
     async def run() -> float:
         async with MeshAioChannel(mesh, TARGET) as channel:
+            made: list[Any] = []
 
             async def inline() -> Any:
-                return await channel.unary_unary(GET)(b"")
+                made.append(channel.unary_unary(GET)(b""))
+                return await made[0]
 
-            call = inline() if how == "awaited at once" else channel.unary_unary(GET)(b"")
-            task = asyncio.ensure_future(call)
+            if how == "awaited at once":
+                task = asyncio.ensure_future(inline())
+            else:
+                made.append(channel.unary_unary(GET)(b""))
+                task = asyncio.ensure_future(made[0])
             while not up.calls:
                 await asyncio.sleep(0.01)
             cancelled = time.monotonic()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            assert made[0].cancelled()
+            assert made[0].done()
             while stats.active and time.monotonic() - cancelled < 4:
                 await asyncio.sleep(0.01)
             return time.monotonic() - cancelled

@@ -49,7 +49,7 @@ from inmesh.endpoints import Endpoint, EndpointKey
 from inmesh.plan import LocalReply, Upstream
 from inmesh.resilience.faults import decide
 from inmesh.resilience.limits import EndpointLimits
-from inmesh.resilience.outlier import classify
+from inmesh.resilience.outlier import Result, classify
 from inmesh.resilience.retry import Failure, Outcome, RetryState, retriable
 from inmesh.routing import RequestView
 from inmesh.snapshot import Cluster
@@ -66,11 +66,13 @@ __all__ = [
     "express_abandon",
     "express_send",
     "express_settle",
+    "express_succeeded",
     "fault_abort",
 ]
 
 
 FAULT_ABORT_BODY = "fault filter abort"
+_SUCCESS = Result.SUCCESS  # what ``classify`` makes of every plain success
 TIMEOUT_BODY = "upstream request timeout"
 
 
@@ -206,15 +208,22 @@ def express_settle(upstream: Upstream, send: Send, done: Attempted) -> Finish | 
     grpc_status = outcome.grpc_status
     if status is None or status >= 400 or (grpc_status is not None and grpc_status != "OK"):
         return None
+    express_succeeded(upstream, send.endpoint, done.now)
+    return _tuple(Finish, (None, done.result, 1, send.endpoint, False))
+
+
+def express_succeeded(upstream: Upstream, endpoint: Endpoint, now: float) -> None:
+    """An express call's first attempt to ``endpoint`` was answered with a plain success
+    at ``now``: record it as ``express_settle`` does, for a driver that can tell a plain
+    success without an ``Attempted`` (a gRPC call that did not raise has status OK) and
+    delivers its result itself."""
     cluster = upstream.cluster
     state = cluster.state
     outlier, budget = state.outlier, state.budget
-    now = done.now
     if outlier is not None:
-        outlier.record(send.endpoint.key, classify(outcome), now, total=len(cluster.endpoints))
+        outlier.record(endpoint.key, _SUCCESS, now, total=len(cluster.endpoints))
     if budget is not None:
         budget.request_finished(now)
-    return _tuple(Finish, (None, done.result, 1, send.endpoint, False))
 
 
 def express_abandon(upstream: Upstream, now: float) -> None:

@@ -10,6 +10,7 @@ for the transport to send. ``inmesh explain`` prints the same decision.
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import NamedTuple
@@ -24,7 +25,6 @@ from inmesh.config.model import (
     QueryHashKey,
 )
 from inmesh.routing import (
-    CompiledRoute,
     Forward,
     NoRoute,
     Redirect,
@@ -186,17 +186,27 @@ class Prepared:
     on the same ``rng`` in the same order, so a seeded Mesh decides alike either way.
     """
 
-    __slots__ = ("_fixed", "_mirror_share", "_mirrored", "_route", "_unmirrored", "snapshot")
+    __slots__ = (
+        "_cumulative",
+        "_fixed",
+        "_mirror_share",
+        "_mirrored",
+        "_total",
+        "_unmirrored",
+        "snapshot",
+    )
 
     def __init__(self, snapshot: Snapshot, request: RequestView, *, source: str) -> None:
         self.snapshot = snapshot
         self._fixed: Plan | None = None
-        self._route: CompiledRoute | None = None
-        # By the identity of the destination drawn (the route holds each one): the plan
-        # without a mirrored copy, and the plan with one (only when the route mirrors
-        # and the destination resolves).
-        self._unmirrored: dict[int, Plan] = {}
-        self._mirrored: dict[int, Upstream] = {}
+        # By the index of the destination drawn, in the route's order (the weights' running
+        # sums are the route's own): the plan without a mirrored copy, and the plan with
+        # one (None when the route does not mirror or the destination does not resolve).
+        # Flat tuples, not the route's objects: a call touches as few objects as it can.
+        self._unmirrored: tuple[Plan, ...] = ()
+        self._mirrored: tuple[Upstream | None, ...] = ()
+        self._cumulative: tuple[int, ...] = ()
+        self._total = 0
         self._mirror_share = 100.0
         table = snapshot.route_table(request.host)
         # The route and block matched are the request's; the destination is drawn per call.
@@ -206,26 +216,33 @@ class Prepared:
             # draws nothing for these, so its answer is the same on every call.
             self._fixed = plan(snapshot, request, _NO_DRAWS, source=source)
             return
-        route = self._route = decision.route
+        route = decision.route
         spec = route.spec
+        unmirrored: list[Plan] = []
+        mirrored: list[Upstream | None] = []
         for destination in route.destinations:
             cluster = snapshot.resolve(destination.spec.destination, request.host, request.port)
             if isinstance(cluster, NoRoute):
-                self._unmirrored[id(destination)] = LocalReply(cluster.status, cluster.reason)
+                unmirrored.append(LocalReply(cluster.status, cluster.reason))
+                mirrored.append(None)
                 continue
             forward = Forward(route, decision.block, destination)
-            unmirrored = _upstream(cluster, request, table, forward, mirror=None, source=source)
-            self._unmirrored[id(destination)] = unmirrored
-            if spec.mirror is not None:
+            upstream = _upstream(cluster, request, table, forward, mirror=None, source=source)
+            unmirrored.append(upstream)
+            if spec.mirror is None:
+                mirrored.append(None)
+            else:
                 target = snapshot.resolve(spec.mirror, request.host, request.port)
                 mirror = None if isinstance(target, NoRoute) else target
-                self._mirrored[id(destination)] = unmirrored._replace(mirror=mirror)
+                mirrored.append(upstream._replace(mirror=mirror))
+        self._unmirrored, self._mirrored = tuple(unmirrored), tuple(mirrored)
+        self._cumulative, self._total = route.cumulative, route.total_weight
         if spec.mirror_percentage is not None:
             self._mirror_share = spec.mirror_percentage
 
     def upstreams(self) -> list[Upstream]:
         """Every upstream plan a call may get (each the same object every time)."""
-        plans = [self._fixed, *self._unmirrored.values(), *self._mirrored.values()]
+        plans = [self._fixed, *self._unmirrored, *self._mirrored]
         return [p for p in plans if isinstance(p, Upstream)]
 
     def __call__(self, rng: random.Random) -> Plan:
@@ -233,18 +250,16 @@ class Prepared:
         fixed = self._fixed
         if fixed is not None:
             return fixed
-        route = self._route
-        assert route is not None
-        destination = route.pick(rng)
-        if destination is None:
-            return LocalReply(503, f"route {route.spec.path} has no weight")
-        key = id(destination)
-        mirrored = self._mirrored.get(key)
+        # ``CompiledRoute.pick``'s draw: none for one destination; a weight is positive,
+        # else the route would not have matched (``_fixed`` above).
+        cumulative = self._cumulative
+        index = 0 if len(cumulative) == 1 else bisect_right(cumulative, rng.random() * self._total)
+        mirrored = self._mirrored[index]
         if mirrored is not None:
             share = self._mirror_share
             if share >= 100.0 or rng.random() * 100.0 < share:
                 return mirrored
-        return self._unmirrored[key]
+        return self._unmirrored[index]
 
 
 class _NoDraws(random.Random):

@@ -77,7 +77,7 @@ from inmesh.flow import (
     express,
     express_abandon,
     express_send,
-    express_settle,
+    express_succeeded,
     fault_abort,
 )
 from inmesh.plan import LocalReply, Plan, Prepared, Upstream, plan, prepare
@@ -511,6 +511,15 @@ def address_target(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+class Express(NamedTuple):
+    """What the express attempt (``inmesh.flow.express``) of a call without metadata to one
+    upstream plan needs, the same on every call and so made once per snapshot: the
+    metadata it sends and the pick context its endpoint is drawn with."""
+
+    metadata: Any
+    pick: PickContext
+
+
 class CallSpec(NamedTuple):
     """What a multi-callable was made for: shape, method path, (de)serializers."""
 
@@ -553,8 +562,9 @@ class ChannelCore:
         )
         self.mirrors = MirrorGate(mesh.state)
         # By method, for calls without metadata: the same request every time, planned
-        # once per snapshot; with the ids of its upstream plans that ``express`` admits.
-        self.prepared: dict[str, tuple[_View, Prepared, frozenset[int]]] = {}
+        # once per snapshot; with the ``Express`` of each upstream plan that ``express``
+        # admits, by the plan's id.
+        self.prepared: dict[str, tuple[_View, Prepared, dict[int, Express]]] = {}
         self.closed = False
 
     # -- grpcio channels (the flavour's own)
@@ -580,9 +590,14 @@ class ChannelCore:
 
     # -- planning
 
-    def start(self, method: str, metadata: Any) -> tuple[Snapshot, _View, Plan, bool]:
-        """The call's snapshot, request view and plan, and whether its first attempt may go
-        the express way (``inmesh.flow.express``: only calls without metadata)."""
+    def first_metadata(self, upstream: Upstream) -> Any:
+        """What the first attempt of a call without metadata sends to ``upstream``."""
+        return attempt_metadata(None, upstream, 1)
+
+    def start(self, method: str, metadata: Any) -> tuple[Snapshot, _View, Plan, Express | None]:
+        """The call's snapshot, request view and plan, and, if its first attempt may go the
+        express way (``inmesh.flow.express``: only calls without metadata), what that
+        attempt needs; else None."""
         if self.closed:
             raise ValueError("Cannot invoke RPC on closed channel!")
         snapshot = self.mesh.snapshot
@@ -592,20 +607,22 @@ class ChannelCore:
             self.prepared.clear()  # made from older snapshots, which they would keep alive
         if metadata:
             view = _View(self.host, self.port, self.authority, method, metadata)
-            return snapshot, view, plan(snapshot, view, self.rng, source=self.source), False
+            return snapshot, view, plan(snapshot, view, self.rng, source=self.source), None
         found = self.prepared.get(method)
         if found is None or found[1].snapshot is not snapshot:
             view = _View(self.host, self.port, self.authority, method, None)
             if len(self.prepared) >= _PREPARED_CAP:  # method names are the caller's to choose
                 self.prepared.clear()
             prepared = prepare(snapshot, view, source=self.source)
-            fast = frozenset(
-                id(u) for u in prepared.upstreams() if express(u, snapshot.mesh_config)
-            )
+            fast = {
+                id(u): Express(self.first_metadata(u), self.pick_for(u))
+                for u in prepared.upstreams()
+                if express(u, snapshot.mesh_config)
+            }
             found = self.prepared[method] = (view, prepared, fast)
         view, prepared, fast = found
         decision = prepared(self.rng)
-        return snapshot, view, decision, id(decision) in fast
+        return snapshot, view, decision, fast.get(id(decision))
 
     def flow(
         self,
@@ -700,11 +717,14 @@ class ChannelCore:
         stats = entry.cache.get(_STATS)
         if stats is None:
             stats = entry.cache[_STATS] = self.mesh.stats.get(endpoint.key)
-        stats.begin()
+        stats.calls.append(None)  # ``stats.begin()``: one call fewer on every attempt
         return entry, stats
 
     def leave(self, entry: Entry[Any], stats: EndpointStats, limits: EndpointLimits | None) -> None:
-        stats.end()
+        try:  # noqa: SIM105 -- ``stats.end()``, one call fewer on every attempt
+            stats.calls.pop()
+        except IndexError:  # floored at zero, as ``end()`` floors it
+            pass
         if limits is not None:
             limits.release()
         if self.channels.release(entry):
@@ -1014,7 +1034,9 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         wait_for_ready: Any = None,
         compression: Any = None,
     ) -> Any:
-        extra = _extra(credentials, wait_for_ready, compression)
+        if credentials is None and wait_for_ready is None and compression is None:
+            return self._blocking(request, timeout, metadata, _NO_EXTRA, False)  # the usual call
+        extra = _Extra(credentials, wait_for_ready, compression)
         return self._blocking(request, timeout, metadata, extra, False)
 
     def with_call(  # noqa: PLR0917 -- grpcio's positional signature
@@ -1056,23 +1078,29 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
             return core.deliver(view, None, Finish(decision, None, 0, None))
         upstream = decision if isinstance(decision, Upstream) else None
         first = None
-        if fast and not OVERLAY.active:
+        if fast is not None and not OVERLAY.active:
             # The express way (``inmesh.flow``): the first attempt without the flow, which
-            # takes over only if that attempt is not a plain success.
+            # takes over only if that attempt is not a plain success. A call that returns
+            # is one (status OK): it is recorded and delivered here, with no Attempted.
             assert upstream is not None
-            sent = express_send(upstream, core.pick_for(upstream), time.monotonic(), deadline)
+            sent = express_send(upstream, fast.pick, time.monotonic(), deadline)
             if isinstance(sent, Finish):
                 return core.deliver(view, upstream, sent)
+            started = time.monotonic()
             try:
-                attempted = self._attempt(request, metadata, extra, upstream, sent, with_call)
+                result = self._send(request, fast.metadata, extra, upstream, sent, with_call)
+            except grpc.RpcError as error:
+                now = time.monotonic()
+                attempted = Attempted(outcome_of(error, sent.timeout, now - started), error, now)
+                first = (sent, attempted)
             except BaseException:
                 express_abandon(upstream, time.monotonic())
                 raise
-            finish = express_settle(upstream, sent, attempted)
-            if finish is not None:
-                result = core.deliver(view, upstream, finish)
+            else:
+                express_succeeded(upstream, sent.endpoint, time.monotonic())
+                if OVERLAY.active and OVERLAY.recording:  # switched on since the call began
+                    core.record(view, upstream, Finish(None, result, 1, sent.endpoint))
                 return self._delivered(result, upstream, with_call) if with_call else result
-            first = (sent, attempted)
         elif (
             upstream is not None
             and upstream.mirror is not None
@@ -1118,6 +1146,27 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         send: Send,
         with_call: bool,
     ) -> Attempted:
+        sent = attempt_metadata(metadata, upstream, send.attempt)
+        started = time.monotonic()
+        try:
+            result = self._send(request, sent, extra, upstream, send, with_call)
+        except grpc.RpcError as error:
+            now = time.monotonic()
+            return Attempted(outcome_of(error, send.timeout, now - started), error, now)
+        return _tuple(Attempted, (_OK, result, time.monotonic()))
+
+    def _send(  # noqa: PLR0917 -- private
+        self,
+        request: Any,
+        sent: Any,
+        extra: _Extra,
+        upstream: Upstream | None,
+        send: Send,
+        with_call: bool,
+    ) -> Any:
+        """Make one attempt on this thread with metadata ``sent`` (``attempt_metadata``'s),
+        holding its endpoint channel while it lasts: its result, or the ``grpc.RpcError``
+        it raised."""
         core = self._core
         try:
             entry, stats = core.enter(upstream, send.endpoint)
@@ -1125,22 +1174,15 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
             if send.limits is not None:
                 send.limits.release()
             raise
-        started = time.monotonic()
         try:
             callable_ = core.callable(entry, self._spec, upstream)
             if with_call:
                 callable_ = callable_.with_call
-            sent = attempt_metadata(metadata, upstream, send.attempt)
             if extra is _NO_EXTRA:  # grpcio's own defaults: fewer arguments to pass
-                result = callable_(request, send.timeout, sent)
-            else:
-                result = callable_(request, send.timeout, sent, *extra)
-        except grpc.RpcError as error:
-            now = time.monotonic()
-            return Attempted(outcome_of(error, send.timeout, now - started), error, now)
+                return callable_(request, send.timeout, sent)
+            return callable_(request, send.timeout, sent, *extra)
         finally:
             core.leave(entry, stats, send.limits)
-        return _tuple(Attempted, (_OK, result, time.monotonic()))
 
 
 class _FlowFuture(grpc.Future, grpc.Call):  # type: ignore[misc]  # grpc is untyped

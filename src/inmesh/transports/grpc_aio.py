@@ -36,6 +36,7 @@ from inmesh.flow import (
     express_abandon,
     express_send,
     express_settle,
+    express_succeeded,
 )
 from inmesh.plan import LocalReply, Upstream
 from inmesh.testing.faults import OVERLAY
@@ -113,6 +114,9 @@ class _AioCore(ChannelCore):
     def close_channel(self, channel: Any) -> None:
         self.spawn(channel.close())
 
+    def first_metadata(self, upstream: Upstream) -> Any:
+        return sent_metadata(None, upstream, 1)
+
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self.tasks.add(task)  # keep a reference until it ends
@@ -167,7 +171,7 @@ class _Answered:
 
     def __call__(self, _grpc_call: Any) -> None:
         call, self._call = self._call, None
-        if call is not None:
+        if call is not None and call._state is _SENT:  # else the call is driven already
             call._answered()
 
 
@@ -370,7 +374,7 @@ class _AioCall:
     # Writes (request streaming without an iterator) wait for the attempt to exist.
     _ready: asyncio.Event | None = None
     _lazy: bool  # the call may wait to be awaited (unary response) or not (streams)
-    _planned: tuple[Any, Any, Any, bool] | None = None  # ``core.start``'s, if made already
+    _planned: tuple[Any, Any, Any, Any] | None = None  # ``core.start``'s, if made already
     # The express attempt sent at creation (_SENT): its Send, endpoint hold, start time.
     _sent: tuple[Send, Entry[Any], EndpointStats, float] | None = None
 
@@ -409,18 +413,18 @@ class _AioCall:
             self._error = error
             self._state = _DONE
             return
-        upstream = planned[2]
-        if not planned[3] or OVERLAY.active or not isinstance(upstream, Upstream):
+        upstream, fast = planned[2], planned[3]
+        if fast is None or OVERLAY.active or not isinstance(upstream, Upstream):
             asyncio.get_running_loop().call_soon(self._start)
             return
         self._upstream = upstream
-        sent = express_send(upstream, core.pick_for(upstream), time.monotonic(), self._deadline)
+        sent = express_send(upstream, fast.pick, time.monotonic(), self._deadline)
         try:
             if isinstance(sent, Finish):
                 self._deliver(core.deliver(planned[1], upstream, sent))
                 self._state = _DONE
                 return
-            call, entry, stats = self._begin(upstream, sent)
+            call, entry, stats = self._begin(upstream, sent, fast.metadata)
         except BaseException as error:
             if not isinstance(sent, Finish):
                 express_abandon(upstream, time.monotonic())
@@ -446,9 +450,9 @@ class _AioCall:
                 self._finish()
 
     def _release_sent(self) -> None:
-        """Give back what the attempt sent at creation holds, when no task will settle it:
-        its endpoint channel and active count (now, or when the attempt ends), its
-        admission place and its retry-budget place."""
+        """Give back what the attempt sent at creation holds, when it will not be settled
+        (cancelled, or no loop left to settle it): its endpoint channel and active count
+        (now, or when the attempt ends), its admission place and its retry-budget place."""
         sent, self._sent = self._sent, None
         if sent is not None and self._upstream is not None:
             made, entry, stats, _ = sent
@@ -481,35 +485,30 @@ class _AioCall:
             first = None
             sent_at_creation = self._sent
             if sent_at_creation is not None:  # the express attempt, out since ``_open``
-                self._sent = None
                 assert upstream is not None
                 made, entry, stats, started = sent_at_creation
                 call = self._current
                 try:  # as a unary ``_attempt`` awaits (only unary calls are sent at creation)
                     response = await call
                 except grpc.aio.AioRpcError as error:
+                    self._sent = None
                     now = time.monotonic()
                     core.leave(entry, stats, made.limits)  # an error: the call is over
                     attempted = Attempted(
                         outcome_of(error, made.timeout, now - started), error, now
                     )
+                    first = (made, attempted)  # not a plain success: the flow takes it on
                 except BaseException:
-                    self._end(call, entry, stats, made)  # cancelled: over now, or when it ends
-                    express_abandon(upstream, time.monotonic())
+                    self._release_sent()  # cancelled: its call is over now, or when it ends
                     raise
                 else:
-                    core.leave(entry, stats, made.limits)  # answered: the call is over
-                    attempted = _tuple(Attempted, (_OK, (response, call), time.monotonic()))
-                finish = express_settle(upstream, made, attempted)
-                if finish is not None:
-                    self._deliver(core.deliver(view, upstream, finish))
+                    self._sent_answered(response, call)
                     return
-                first = (made, attempted)
-            elif fast and not OVERLAY.active:
+            elif fast is not None and not OVERLAY.active:
                 # The express way (``inmesh.flow``): the first attempt without the flow,
                 # which takes over only if that attempt is not a plain success.
                 assert upstream is not None
-                sent = express_send(upstream, core.pick_for(upstream), time.monotonic(), deadline)
+                sent = express_send(upstream, fast.pick, time.monotonic(), deadline)
                 if isinstance(sent, Finish):
                     self._deliver(core.deliver(view, upstream, sent))
                     return
@@ -561,10 +560,31 @@ class _AioCall:
         except Exception as error:
             self._error = error
         finally:
-            if self._ready is None and self._waiters is None and self._callbacks is None:
-                self._state = _DONE  # the usual end: nobody else to tell
-            else:
-                self._finish()
+            self._over()
+
+    def _sent_answered(self, response: Any, call: Any) -> None:
+        """The express attempt sent at creation was answered, so with status OK: a plain
+        success, recorded as ``inmesh.flow.express_settle`` records one, and delivered."""
+        sent, self._sent = self._sent, None
+        upstream = self._upstream
+        assert sent is not None
+        assert upstream is not None
+        made, entry, stats, _ = sent
+        core = self._owner._core
+        core.leave(entry, stats, made.limits)  # the call is over
+        express_succeeded(upstream, made.endpoint, time.monotonic())
+        if OVERLAY.active and OVERLAY.recording:  # switched on since the call began
+            assert self._planned is not None
+            finish = Finish(None, (response, call), 1, made.endpoint)
+            core.record(self._planned[1], upstream, finish)
+        self._deliver((response, call))
+
+    def _over(self) -> None:
+        """The call is over: tell whoever waits for it (usually nobody)."""
+        if self._ready is None and self._waiters is None and self._callbacks is None:
+            self._state = _DONE
+        else:
+            self._finish()
 
     def _finish(self) -> None:
         self._state = _DONE
@@ -592,10 +612,11 @@ class _AioCall:
         raise NotImplementedError
 
     def _begin(
-        self, upstream: Upstream | None, send: Send
+        self, upstream: Upstream | None, send: Send, sent: Any = None
     ) -> tuple[Any, Entry[Any], EndpointStats]:
         """Start an attempt's grpc.aio call, holding its endpoint channel and counting it
-        active; ``_end`` gives both back."""
+        active; ``_end`` gives both back. ``sent``: the metadata it sends, when known
+        already (an express attempt's); else ``sent_metadata``'s."""
         core = self._owner._core
         limits = send.limits
         try:
@@ -606,7 +627,8 @@ class _AioCall:
             raise
         try:
             callable_ = core.callable(entry, self._owner._spec, upstream)
-            sent = sent_metadata(self._metadata, upstream, send.attempt)
+            if sent is None:
+                sent = sent_metadata(self._metadata, upstream, send.attempt)
             if self._extra is _NO_EXTRA:  # grpc.aio's own defaults: fewer arguments to pass
                 call = callable_(self._request, timeout=send.timeout, metadata=sent)
             else:
@@ -794,6 +816,26 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
         return _tuple(Attempted, (_OK, (response, call), time.monotonic()))
 
     def __await__(self) -> Generator[Any, None, Any]:
+        if self._state is _SENT:
+            # The usual call: awaited with its express attempt out since creation. A plain
+            # success, an answer, is settled here without the coroutine ``_run`` costs;
+            # an error goes on in ``_run``, which awaits the call again (over: at once).
+            self._state = _RUNNING  # the attempt's end must not start a task: this drives
+            call = self._current
+            try:
+                response = yield from call.__await__()
+            except grpc.aio.AioRpcError:
+                self._state = _SENT
+            except BaseException as error:  # cancelled, or the awaiting coroutine closed
+                self._release_sent()  # its call is over now, or when it ends
+                if isinstance(error, asyncio.CancelledError):
+                    self._cancelled = True
+                self._over()
+                raise
+            else:
+                self._sent_answered(response, call)
+                self._over()
+                return response
         if self._state is _NEW or self._state is _SENT:
             yield from self._run().__await__()  # inline: a cancellation reaches grpc.aio's call
         else:
