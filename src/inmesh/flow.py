@@ -29,7 +29,9 @@ timeout) and the first attempt is answered: the flow then comes down to counting
 in the budgets, picking and admitting an endpoint, sending, and recording a success. For
 a call whose route ``express()`` admits, a driver may do exactly that with
 ``express_send`` and ``express_settle``, plain functions that cost a fraction of the
-generator and its protocol. When the first attempt is not a plain success, the driver
+generator and its protocol (a driver that can tell a plain success by itself, as a gRPC
+call that returns is one, records it with ``express_succeeded``, which is what
+``express_settle`` does for one). When the first attempt is not a plain success, the driver
 hands it to ``attempt_flow(first=...)``, which carries on from that point as if it had
 made the attempt itself: one decision procedure, entered two ways, with the same draws
 on the same generator in the same order (``tests/test_flow_express.py`` holds the two
