@@ -62,6 +62,7 @@ class GrpcUpstream:
         self.address = "127.0.0.1"
         self.calls: list[Call] = []
         self.delay = 0.0
+        self.undelayed = 0  # the first this many calls are answered without the delay
         self.messages = 3
         self.fail_after: int | None = None  # a stream fails after this many messages
         self.initial_metadata: tuple[tuple[str, str | bytes], ...] = ()
@@ -100,8 +101,9 @@ class GrpcUpstream:
         method = call_details.method.decode()
         with self._lock:
             self.calls.append(Call(method, metadata, call_details.host.decode(), binary))
+            delayed = len(self.calls) > self.undelayed
             failure = self._failures.pop(0) if self._failures else None
-        if self.delay:
+        if self.delay and delayed:
             self._stopping.wait(self.delay)
         if self.initial_metadata:
             context.send_initial_metadata(self.initial_metadata)

@@ -1113,6 +1113,37 @@ def test_aio_call_cancelled_before_it_is_awaited_gives_everything_back(
     assert limits.in_flight == 0
 
 
+def test_aio_call_grpc_aio_cannot_send_fails_alike_each_time_and_gives_everything_back(
+    servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh]
+) -> None:
+    """A request grpc.aio cannot serialize (a str where bytes go) fails the call with
+    grpc.aio's own error, raised again when the call is awaited again, as a grpc.aio
+    call's is; grpc.aio's call never started, and the mesh cancels it, so the endpoint's
+    active count and its one connection-pool place come back and the next call goes out."""
+    (up,) = servers("a")
+    policy = "    retryBudget: {percent: 20}\n    connectionPool: {http: {http2MaxRequests: 1}}"
+    mesh = make_mesh(service_yaml("ratings", [up]), dr(policy))
+    stats = mesh.stats.get((up.address, up.port))
+
+    async def run() -> Any:
+        async with MeshAioChannel(mesh, TARGET) as channel:
+            call = channel.unary_unary(GET)("not bytes")
+            with pytest.raises(TypeError):
+                await call
+            with pytest.raises(TypeError):
+                await call
+            assert not call.cancelled()
+            assert await async_wait_for(lambda: not stats.active)
+            return await channel.unary_unary(GET)(b"", timeout=5)
+
+    assert name_of(asyncio.run(asyncio.wait_for(run(), 10))) == "a"
+    assert budget_active(mesh) == 0
+    (cluster,) = [c for c in mesh.snapshot.clusters if c.name.endswith("|ratings")]
+    limits = cluster.state.limits((up.address, up.port))
+    assert limits is not None
+    assert limits.in_flight == 0
+
+
 def budget_active(mesh: Mesh) -> int:
     """Calls the ratings cluster's retry budget counts in flight."""
     (cluster,) = [c for c in mesh.snapshot.clusters if c.name.endswith("|ratings")]
@@ -1120,17 +1151,21 @@ def budget_active(mesh: Mesh) -> int:
     return cluster.state.budget.active
 
 
-@pytest.mark.parametrize("how", ["awaited at once", "awaited later"])
+@pytest.mark.parametrize("how", ["awaited at once", "awaited later", "driven by a task"])
 def test_aio_cancelling_the_awaiting_task_cancels_the_rpc(
     servers: Callable[..., list[GrpcUpstream]], make_mesh: Callable[..., Mesh], how: str
 ) -> None:
     """A task awaiting a mesh call is cancelled (asyncio.wait_for, a TaskGroup): the RPC
     ends with it, as grpc.aio's own calls do, and gives its endpoint back at once rather
     than when the server would have answered. Awaited at once, the call runs inline in
-    the task; awaited later, it is already under way on its own. Either way the call then
-    says it was cancelled."""
+    the task; awaited later, it is already under way on its own; driven by a task, its
+    first attempt failed before it was awaited and a task of its own makes the retry.
+    Either way the call then says it was cancelled."""
     (up,) = servers("a")
     up.delay = 5
+    if how == "driven by a task":
+        up.undelayed = 1
+        up.fail_next(1, Code.UNAVAILABLE)  # retried under Istio's default policy
     mesh = make_mesh(service_yaml("ratings", [up]), dr("    retryBudget: {percent: 20}"))
     stats = mesh.stats.get((up.address, up.port))
 
@@ -1146,15 +1181,18 @@ def test_aio_cancelling_the_awaiting_task_cancels_the_rpc(
                 task = asyncio.ensure_future(inline())
             else:
                 made.append(channel.unary_unary(GET)(b""))
+                if how == "driven by a task":
+                    assert await async_wait_for(lambda: len(up.calls) == 2)  # the retry
                 task = asyncio.ensure_future(made[0])
             while not up.calls:
                 await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # the task is awaiting the call
             cancelled = time.monotonic()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert made[0].cancelled()
-            assert made[0].done()
+            assert await async_wait_for(made[0].done)  # a task driving it ends a turn later
             while stats.active and time.monotonic() - cancelled < 4:
                 await asyncio.sleep(0.01)
             return time.monotonic() - cancelled

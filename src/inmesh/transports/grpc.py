@@ -591,8 +591,9 @@ class ChannelCore:
     # -- planning
 
     def first_metadata(self, upstream: Upstream) -> Any:
-        """What the first attempt of a call without metadata sends to ``upstream``."""
-        return attempt_metadata(None, upstream, 1)
+        """What the first attempt of a call without metadata sends to ``upstream`` (made
+        once, then shared by every such call: a tuple)."""
+        return tuple(attempt_metadata(None, upstream, 1))
 
     def start(self, method: str, metadata: Any) -> tuple[Snapshot, _View, Plan, Express | None]:
         """The call's snapshot, request view and plan, and, if its first attempt may go the
@@ -1088,7 +1089,7 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
                 return core.deliver(view, upstream, sent)
             started = time.monotonic()
             try:
-                result = self._send(request, fast.metadata, extra, upstream, sent, with_call)
+                result = self._send(request, None, extra, upstream, sent, with_call, fast.metadata)
             except grpc.RpcError as error:
                 now = time.monotonic()
                 attempted = Attempted(outcome_of(error, sent.timeout, now - started), error, now)
@@ -1146,10 +1147,9 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
         send: Send,
         with_call: bool,
     ) -> Attempted:
-        sent = attempt_metadata(metadata, upstream, send.attempt)
         started = time.monotonic()
         try:
-            result = self._send(request, sent, extra, upstream, send, with_call)
+            result = self._send(request, metadata, extra, upstream, send, with_call)
         except grpc.RpcError as error:
             now = time.monotonic()
             return Attempted(outcome_of(error, send.timeout, now - started), error, now)
@@ -1158,15 +1158,16 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
     def _send(  # noqa: PLR0917 -- private
         self,
         request: Any,
-        sent: Any,
+        metadata: Any,
         extra: _Extra,
         upstream: Upstream | None,
         send: Send,
         with_call: bool,
+        sent: Any = None,
     ) -> Any:
-        """Make one attempt on this thread with metadata ``sent`` (``attempt_metadata``'s),
-        holding its endpoint channel while it lasts: its result, or the ``grpc.RpcError``
-        it raised."""
+        """Make one attempt on this thread, holding its endpoint channel while it lasts: its
+        result, or the ``grpc.RpcError`` it raised. ``sent``: the metadata it sends, when
+        known already (an express attempt's); else ``attempt_metadata``'s."""
         core = self._core
         try:
             entry, stats = core.enter(upstream, send.endpoint)
@@ -1178,6 +1179,8 @@ class _UnaryResponseCallable(grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMulti
             callable_ = core.callable(entry, self._spec, upstream)
             if with_call:
                 callable_ = callable_.with_call
+            if sent is None:
+                sent = attempt_metadata(metadata, upstream, send.attempt)
             if extra is _NO_EXTRA:  # grpcio's own defaults: fewer arguments to pass
                 return callable_(request, send.timeout, sent)
             return callable_(request, send.timeout, sent, *extra)

@@ -456,6 +456,7 @@ class _AioCall:
         sent, self._sent = self._sent, None
         if sent is not None and self._upstream is not None:
             made, entry, stats, _ = sent
+            _stop(self._current)
             self._end(self._current, entry, stats, made)
             express_abandon(self._upstream, time.monotonic())
 
@@ -785,6 +786,15 @@ class _AioCall:
         await (await self._writer()).done_writing()
 
 
+def _stop(call: Any) -> None:
+    """A unary attempt whose await raised anything but its ``AioRpcError`` will not be
+    answered: cancel its grpc.aio call, if it is not over. Cancelled, it is over soon
+    anyway; but one that grpc.aio failed to start (a request it cannot serialize) would
+    never end, and never give back what the attempt holds."""
+    if not call.done():
+        call.cancel()
+
+
 def _cancelled_error() -> Any:
     return grpc.aio.AioRpcError(
         _Code.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), cancelled_details()
@@ -810,6 +820,7 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
             self._owner._core.leave(entry, stats, send.limits)  # an error: the call is over
             return Attempted(outcome_of(error, send.timeout, now - started), error, now)
         except BaseException:
+            _stop(call)
             self._end(call, entry, stats, send)  # cancelled: over now, or when it ends
             raise
         self._owner._core.leave(entry, stats, send.limits)  # answered: the call is over
@@ -826,15 +837,24 @@ class _AioUnaryResponseCall(_AioCall, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUn
                 response = yield from call.__await__()
             except grpc.aio.AioRpcError:
                 self._state = _SENT
-            except BaseException as error:  # cancelled, or the awaiting coroutine closed
-                self._release_sent()  # its call is over now, or when it ends
-                if isinstance(error, asyncio.CancelledError):
-                    self._cancelled = True
-                self._over()
+            except BaseException as error:  # cancelled, closed, or grpc.aio's own error
+                try:
+                    self._release_sent()  # its call is over now, or when it ends
+                finally:
+                    if isinstance(error, asyncio.CancelledError):
+                        self._cancelled = True
+                    elif isinstance(error, Exception):
+                        self._error = error  # kept, as ``_run`` keeps it: awaited again, raised
+                    self._over()
                 raise
             else:
-                self._sent_answered(response, call)
+                try:
+                    self._sent_answered(response, call)
+                except Exception as error:
+                    self._error = error
                 self._over()
+                if self._error is not None:
+                    raise self._error
                 return response
         if self._state is _NEW or self._state is _SENT:
             yield from self._run().__await__()  # inline: a cancellation reaches grpc.aio's call
