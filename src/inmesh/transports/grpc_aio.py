@@ -438,16 +438,16 @@ class _AioCall:
         call.add_done_callback(_Answered(self))
 
     def _answered(self) -> None:
-        """The express attempt sent at creation ended: if nothing drives the call yet, a task
-        settles it now (its endpoint, its budgets, a retry)."""
-        if self._state is _SENT:
-            try:
-                self._start()
-            except RuntimeError:  # no running loop any more: give back what it holds
-                log.debug("call to %s ended after its event loop", self._owner._spec.method)
-                self._release_sent()
-                self._cancelled = True
-                self._finish()
+        """The express attempt sent at creation ended and nothing drives the call yet (state
+        ``_SENT``, which ``_Answered`` checks): a task settles it now (its endpoint, its
+        budgets, a retry)."""
+        try:
+            self._start()
+        except RuntimeError:  # no running loop any more: give back what it holds
+            log.debug("call to %s ended after its event loop", self._owner._spec.method)
+            self._release_sent()
+            self._cancelled = True
+            self._finish()
 
     def _release_sent(self) -> None:
         """Give back what the attempt sent at creation holds, when it will not be settled
